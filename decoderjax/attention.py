@@ -1,0 +1,131 @@
+"""Causal self-attention: masks, grouped-query attention kernels, and the attention layer."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from decoderjax.config import ModelConfig
+from decoderjax.layers import apply_rope, constrain, contract, dtype_of, output_init, param
+
+Array = jax.Array
+
+
+def attention_mask(
+  q_segment_BT: Array,
+  q_position_BT: Array,
+  q_slot_T: Array,
+  k_segment_BS: Array,
+  k_position_BS: Array,
+  k_slot_S: Array,
+  sliding_window: int | None,
+) -> Array:
+  """Boolean [B, T, S]: causal by slot, same document (segment id), key not padding (id 0)."""
+  mask = k_slot_S[None, None, :] <= q_slot_T[None, :, None]
+  mask &= q_segment_BT[:, :, None] == k_segment_BS[:, None, :]
+  mask &= (k_segment_BS != 0)[:, None, :]
+  if sliding_window is not None:
+    mask &= (q_position_BT[:, :, None] - k_position_BS[:, None, :]) < sliding_window
+  return mask
+
+
+def resolve_impl(cfg: ModelConfig, dropout_active: bool) -> str:
+  """Picks the attention kernel: XLA einsum on CPU or where a feature needs it, else jax.nn's."""
+  if cfg.attention_impl == "xla" or cfg.attn_logit_softcap is not None or dropout_active:
+    return "xla"
+  if cfg.attention_impl == "auto" and jax.default_backend() == "cpu":
+    return "xla"
+  return "dot_product_attention"
+
+
+def xla_attention(
+  q_BTNH: Array,
+  k_BSKH: Array,
+  v_BSKH: Array,
+  mask_BTS: Array,
+  softcap: float | None = None,
+  dropout: callable = None,
+) -> Array:
+  """Reference grouped-query attention in einsums; softmax in float32."""
+  b, t, n, h = q_BTNH.shape
+  k = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * (h**-0.5)
+  logits_BKGTS = jnp.einsum(
+    "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+  )
+  if softcap is not None:
+    logits_BKGTS = softcap * jnp.tanh(logits_BKGTS / softcap)
+  big_neg = jnp.finfo(jnp.float32).min
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, big_neg)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+  if dropout is not None:
+    probs_BKGTS = dropout(probs_BKGTS)
+  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+  return out_BTKGH.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query self-attention with RoPE and an optional KV cache."""
+
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(
+    self,
+    x_BTD: Array,
+    positions_BT: Array,
+    mask_BTS: Array,
+    kv: tuple[Array, Array] | None = None,
+    cache_index: Array | None = None,
+  ) -> tuple[Array, tuple[Array, Array] | None]:
+    cfg = self.config
+    dtype = dtype_of(cfg.dtype)
+    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    x_BTD = x_BTD.astype(dtype)
+    bias = cfg.use_bias or cfg.qkv_bias
+    zeros = nn.initializers.zeros
+
+    def project(name, heads, axis):
+      w_DXH = param(self, name, (d, heads, h), ("embed", axis, "head_dim")).astype(dtype)
+      y = contract(x_BTD, w_DXH)  # BTD,DXH->BTXH
+      if bias:
+        y += param(self, f"{name}_bias", (heads, h), (axis, "head_dim"), zeros).astype(dtype)[
+          None, None
+        ]
+      return y
+
+    q_BTNH = project("q", n, "q_heads")
+    k_BTKH = project("k", k, "kv_heads")
+    v_BTKH = project("v", k, "kv_heads")
+    if cfg.position == "rope":
+      q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
+      k_BTKH = apply_rope(k_BTKH, positions_BT, cfg)
+    q_BTNH = constrain(q_BTNH, ("activation_batch", "activation_length", "activation_heads", None))
+
+    if kv is None:
+      k_BSKH, v_BSKH, new_kv = k_BTKH, v_BTKH, None
+    else:  # write this chunk into the preallocated cache, then attend over the whole cache
+      start = (0, cache_index, 0, 0)
+      k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
+      v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
+      new_kv = (k_BSKH, v_BSKH)
+      k_BSKH, v_BSKH = k_BSKH.astype(dtype), v_BSKH.astype(dtype)
+
+    dropout_active = cfg.attn_dropout > 0 and not self.deterministic
+    if resolve_impl(cfg, dropout_active) == "xla":
+      dropout = None
+      if dropout_active:
+        dropout = nn.Dropout(cfg.attn_dropout, deterministic=False)
+      out_BTNH = xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, dropout)
+    else:
+      out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=h**-0.5
+      )
+
+    o_NHD = param(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), output_init(cfg))
+    y_BTD = contract(out_BTNH.astype(dtype), o_NHD.astype(dtype), 2, 2)  # BTNH,NHD->BTD
+    if cfg.use_bias:
+      y_BTD += param(self, "o_bias", (d,), ("embed",), zeros).astype(dtype)[None, None]
+    return y_BTD, new_kv

@@ -1,0 +1,45 @@
+"""What every binary shares: one-line errors instead of tracebacks for problems users can fix."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from decoderjax.trainer import TrainingError
+
+USER_ERRORS = (ValueError, OSError, ImportError, TrainingError)
+
+
+def _fail(message: str) -> None:
+  """Prints `error: <first line> (<last line>)` and exits 1."""
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()] or ["unknown error"]
+  text = lines[0] if len(lines) == 1 else f"{lines[0]} ({lines[-1]})"
+  print(f"error: {text}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _parse_flags(argv):
+  """absl flag parsing, where a bad --config.x override is a one-line error too."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cause = e.__cause__
+    if isinstance(cause, OSError):  # ml_collections could not load the --config file
+      _fail(f"cannot load the config file: {str(cause).strip().splitlines()[-1].strip()}")
+    _fail(f"{e} (--helpshort lists the flags)")
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown key
+    _fail(f"unknown config key {e}; a config file's get_config() lists the known ones")
+
+
+def run(main) -> None:
+  """absl's app.run, with user-fixable errors printed as `error: ...` and exit status 1."""
+
+  def guarded(argv):
+    logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter off; --verbosity=0 on
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      _fail(str(e) or type(e).__name__)
+
+  app.run(guarded, flags_parser=_parse_flags)

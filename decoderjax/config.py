@@ -1,0 +1,236 @@
+"""Model configuration: one frozen dataclass for every supported decoder, and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+POSITIONS = ("learned", "rope", "sinusoidal", "none")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "geglu")
+DTYPES = ("float32", "bfloat16", "float16")
+REMATS = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3 style RoPE frequency scaling (long wavelengths stretched by `factor`)."""
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Describes a decoder-only transformer (GPT-2, Llama, Mistral, Qwen2, Gemma families)."""
+
+  vocab_size: int = 256
+  max_seq_len: int = 256  # longest sequence the model accepts (size of a learned position table)
+  num_layers: int = 2
+  num_heads: int = 4  # query heads
+  num_kv_heads: int | None = None  # grouped-query attention; None means num_heads (plain MHA)
+  head_dim: int | None = None  # None means embed_dim // num_heads
+  embed_dim: int = 64
+  mlp_dim: int = 256
+  position: str = "rope"  # one of POSITIONS
+  rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling | None = None
+  norm: str = "rmsnorm"  # one of NORMS
+  norm_eps: float = 1e-5
+  norm_offset: bool = False  # Gemma: norm weight applied as (1 + w)
+  mlp: str = "swiglu"  # one of MLPS
+  use_bias: bool = False  # biases on every projection (GPT-2)
+  qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
+  tie_embeddings: bool = True  # output head shares the token embedding
+  sliding_window: int | None = None  # Mistral: a query sees at most this many keys back
+  embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(embed_dim)
+  attn_logit_softcap: float | None = None  # Gemma-2: tanh soft-capping of attention logits
+  final_logit_softcap: float | None = None  # Gemma-2: tanh soft-capping of output logits
+  embed_dropout: float = 0.0
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.0
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype; softmax, norms and logits stay float32
+  param_dtype: str = "float32"
+  scan_layers: bool = True  # nn.scan over layers: compile time flat in depth
+  remat: str = "none"  # one of REMATS: what the backward pass recomputes
+  attention_impl: str = "auto"  # one of ATTENTION_IMPLS
+
+  def __post_init__(self):
+    def fail(field, message):
+      raise ValueError(f"ModelConfig.{field}: {message}")
+
+    for field in ("vocab_size", "max_seq_len", "num_layers", "num_heads", "embed_dim", "mlp_dim"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value <= 0:
+        fail(field, f"must be a positive integer, got {value!r}")
+    for field, allowed in (
+      ("position", POSITIONS),
+      ("norm", NORMS),
+      ("mlp", MLPS),
+      ("dtype", DTYPES),
+      ("param_dtype", DTYPES),
+      ("remat", REMATS),
+      ("attention_impl", ATTENTION_IMPLS),
+    ):
+      if getattr(self, field) not in allowed:
+        fail(field, f"must be one of {allowed}, got {getattr(self, field)!r}")
+    if self.head_dim is None and self.embed_dim % self.num_heads:
+      fail("num_heads", f"{self.num_heads} heads do not divide embed_dim={self.embed_dim}")
+    if self.head_dim is not None and self.head_dim <= 0:
+      fail("head_dim", f"must be positive, got {self.head_dim}")
+    if self.num_kv_heads is not None and (
+      self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads
+    ):
+      fail("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
+    if self.position == "rope" and self.head_size % 2:
+      fail("head_dim", f"RoPE needs an even head dimension, got {self.head_size}")
+    if self.position == "sinusoidal" and self.embed_dim % 2:
+      fail("embed_dim", f"sinusoidal positions need an even width, got {self.embed_dim}")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      fail("sliding_window", f"must be positive, got {self.sliding_window}")
+    for field in ("embed_dropout", "attn_dropout", "resid_dropout"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        fail(field, f"must be in [0, 1), got {getattr(self, field)}")
+    if isinstance(self.rope_scaling, dict):  # accept plain dicts (JSON, ml_collections)
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  def replace(self, **changes) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"ModelConfig: unknown field(s) {unknown}")
+    return cls(**values)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> ModelConfig:
+    return cls.from_dict(json.loads(text))
+
+
+_GPT2 = dict(
+  vocab_size=50257,
+  max_seq_len=1024,
+  position="learned",
+  norm="layernorm",
+  mlp="gelu",
+  use_bias=True,
+  tie_embeddings=True,
+)
+_LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu")
+
+PRESETS: dict[str, ModelConfig] = {
+  # Tiny shapes for tests and laptops.
+  "tiny-gpt2": ModelConfig(
+    **{**_GPT2, "vocab_size": 256, "max_seq_len": 128},
+    num_layers=2,
+    num_heads=4,
+    embed_dim=64,
+    mlp_dim=256,
+  ),
+  "tiny-llama": ModelConfig(
+    **_LLAMA,
+    vocab_size=256,
+    max_seq_len=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=64,
+    mlp_dim=128,
+  ),
+  # Published shapes.
+  "gpt2": ModelConfig(**_GPT2, num_layers=12, num_heads=12, embed_dim=768, mlp_dim=3072),
+  "gpt2-medium": ModelConfig(**_GPT2, num_layers=24, num_heads=16, embed_dim=1024, mlp_dim=4096),
+  "smollm2-135m": ModelConfig(
+    **_LLAMA,
+    vocab_size=49152,
+    max_seq_len=8192,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    embed_dim=576,
+    mlp_dim=1536,
+    rope_theta=100_000.0,
+  ),
+  "llama-3.2-1b": ModelConfig(
+    **_LLAMA,
+    vocab_size=128256,
+    max_seq_len=131072,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    embed_dim=2048,
+    mlp_dim=8192,
+    rope_theta=500_000.0,
+    rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+  ),
+  "mistral-7b": ModelConfig(
+    **_LLAMA,
+    vocab_size=32000,
+    max_seq_len=32768,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    embed_dim=4096,
+    mlp_dim=14336,
+    sliding_window=4096,
+    tie_embeddings=False,
+  ),
+  "qwen2.5-0.5b": ModelConfig(
+    **_LLAMA,
+    vocab_size=151936,
+    max_seq_len=32768,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    embed_dim=896,
+    mlp_dim=4864,
+    rope_theta=1_000_000.0,
+    norm_eps=1e-6,
+    qkv_bias=True,
+  ),
+  "gemma-2b": ModelConfig(
+    vocab_size=256000,
+    max_seq_len=8192,
+    num_layers=18,
+    num_heads=8,
+    num_kv_heads=1,
+    head_dim=256,
+    embed_dim=2048,
+    mlp_dim=16384,
+    position="rope",
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    norm_offset=True,
+    mlp="geglu",
+    embed_scale=True,
+  ),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+  """Returns the named preset, with `overrides` applied to its fields."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)

@@ -1,0 +1,111 @@
+"""FLOP accounting, machine peaks, and the training logger (JSONL, TensorBoard, terminal)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from decoderjax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, for MFU on accelerators (published figures).
+_PEAKS = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
+  "H100": 989e12,
+  "H200": 989e12,
+  "A100": 312e12,
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul parameters + attention scores (PaLM appendix B)."""
+  d, h = cfg.embed_dim, cfg.head_size
+  attn = d * h * (2 * cfg.num_heads + 2 * cfg.kv_heads)
+  mlp = (3 if cfg.mlp != "gelu" else 2) * d * cfg.mlp_dim
+  matmul_params = cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+  attention_scores = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * h / 2  # causal half
+  return 6 * matmul_params + 3 * attention_scores
+
+
+@functools.cache
+def peak_flops(dtype: str = "float32") -> float:
+  """Per-device peak: the published figure for accelerators, a measured matmul on CPU."""
+  device = jax.devices()[0]
+  for name, peak in _PEAKS.items():
+    if name.lower() in device.device_kind.lower():
+      return peak if dtype != "float32" else peak / 2
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+class Logger:
+  """metrics.jsonl + TensorBoard + a progress line (a bar on a TTY, plain lines otherwise)."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.samples_path = os.path.join(workdir, "samples.jsonl")
+    self.total, self.tty = total_steps, sys.stdout.isatty()
+    self.t0, self.step0 = time.perf_counter(), start_step
+    for path in (self.path, self.samples_path):  # a resumed run re-logs steps after its checkpoint
+      if os.path.exists(path):
+        with open(path) as f:
+          kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(path, "w") as f:
+          f.writelines(kept)
+    self.file = open(self.path, "a")
+    self.tb = None
+    if jax.process_index() == 0:
+      try:
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        pass
+
+  def log(self, step: int, record: dict | None) -> None:
+    if self.tty:
+      elapsed = time.perf_counter() - self.t0
+      rate = (step - self.step0) / max(elapsed, 1e-9)
+      eta = (self.total - step) / max(rate, 1e-9)
+      filled = int(30 * step / max(self.total, 1))
+      line = f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} ETA {eta:5.0f}s"
+      print(line, end="", flush=True)
+    if record is None or jax.process_index() != 0:
+      return
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    if self.tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, int | float):
+          self.tb.add_scalar(key, value, step)
+    text = " ".join(
+      f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+    )
+    print(("\n" if self.tty else "") + text, flush=True)
+
+  def sample(self, step: int, text: str) -> None:
+    if jax.process_index() == 0:
+      with open(self.samples_path, "a") as f:
+        f.write(json.dumps({"step": step, "text": text}) + "\n")
+
+  def close(self) -> None:
+    self.file.close()
+    if self.tb is not None:
+      self.tb.close()

@@ -1,0 +1,228 @@
+"""The decoder-only transformer (Flax Linen), with scanned layers and an explicit KV cache."""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from decoderjax.attention import Attention, attention_mask
+from decoderjax.config import ModelConfig
+from decoderjax.layers import Mlp, Norm, constrain, dtype_of, param, sinusoidal_positions
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+  "full": None,  # save nothing: recompute the whole layer in the backward pass
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated keys and values of every layer plus the metadata masks are built from."""
+
+  k: Array  # [L, B, S, K, H]
+  v: Array  # [L, B, S, K, H]
+  segment: Array  # [B, S] int32 document id of each slot; 0 marks empty or padding slots
+  position: Array  # [B, S] int32 position of the token held in each slot
+  index: Array  # [] int32 next slot to write
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> KVCache:
+  """An empty cache for `batch` rows of up to `length` tokens (prompt plus generation)."""
+  if length > cfg.max_seq_len:
+    raise ValueError(f"cache length {length} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+  shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_size)
+  dtype = dtype_of(dtype or cfg.dtype)
+  return KVCache(
+    k=jnp.zeros(shape, dtype),
+    v=jnp.zeros(shape, dtype),
+    segment=jnp.zeros((batch, length), jnp.int32),
+    position=jnp.zeros((batch, length), jnp.int32),
+    index=jnp.zeros((), jnp.int32),
+  )
+
+
+def positions_from_segments(segment_ids_BT: Array) -> Array:
+  """Positions that restart at 0 at the first token of each packed document."""
+  t = jnp.arange(segment_ids_BT.shape[1])
+  starts = jnp.concatenate(
+    [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]],
+    axis=1,
+  )
+  first_BT = jax.lax.cummax(jnp.where(starts, t[None, :], 0), axis=1)
+  return t[None, :] - first_BT
+
+
+class Block(nn.Module):
+  """Pre-norm transformer layer: x + Attn(Norm(x)), then x + Mlp(Norm(x))."""
+
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, cache_index=None):
+    cfg = self.config
+    with jax.named_scope("attention"):
+      h_BTD = Norm(cfg, name="attn_norm")(x_BTD)
+      h_BTD, new_kv = Attention(cfg, self.deterministic, name="attn")(
+        h_BTD, positions_BT, mask_BTS, kv, cache_index
+      )
+      x_BTD += nn.Dropout(cfg.resid_dropout)(h_BTD, deterministic=self.deterministic)
+    with jax.named_scope("mlp"):
+      h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BTD))
+      x_BTD += nn.Dropout(cfg.resid_dropout)(h_BTD, deterministic=self.deterministic)
+    x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
+    return x_BTD, new_kv
+
+
+class Decoder(nn.Module):
+  """Token ids in, float32 next-token logits out; optionally reads and writes a KVCache."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(
+    self,
+    tokens_BT: Array,
+    positions_BT: Array | None = None,
+    segment_ids_BT: Array | None = None,
+    cache: KVCache | None = None,
+    deterministic: bool = True,
+    return_hidden: bool = False,
+  ):
+    """Returns (logits [B, T, V] float32, updated cache or None).
+
+    Without a cache, `segment_ids_BT` (0 = padding) keeps packed documents apart and positions
+    restart per document. With a cache, the tokens are written at `cache.index` and attend to
+    every earlier slot of the same segment; `return_hidden` returns final hidden states instead.
+    """
+    cfg = self.config
+    dtype = dtype_of(cfg.dtype)
+    b, t = tokens_BT.shape
+    if t > cfg.max_seq_len:
+      raise ValueError(f"sequence length {t} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((b, t), jnp.int32)
+    if positions_BT is None:
+      if cache is None:
+        positions_BT = positions_from_segments(segment_ids_BT)
+      else:
+        positions_BT = jnp.broadcast_to((cache.index + jnp.arange(t))[None, :], (b, t))
+
+    embedding_VD = param(self, "embedding", (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"))
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+    if cfg.embed_scale:
+      x_BTD *= jnp.asarray(cfg.embed_dim**0.5, dtype)
+    if cfg.position == "learned":
+      table = param(self, "position_embedding", (cfg.max_seq_len, cfg.embed_dim), (None, "embed"))
+      x_BTD += jnp.take(table, positions_BT, axis=0).astype(dtype)
+    elif cfg.position == "sinusoidal":
+      x_BTD += sinusoidal_positions(positions_BT, cfg.embed_dim).astype(dtype)
+    x_BTD = nn.Dropout(cfg.embed_dropout)(x_BTD, deterministic=deterministic)
+    x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
+
+    q_slot_T = jnp.arange(t)
+    if cache is None:
+      kv, index = None, None
+      mask_BTS = attention_mask(
+        segment_ids_BT,
+        positions_BT,
+        q_slot_T,
+        segment_ids_BT,
+        positions_BT,
+        q_slot_T,
+        cfg.sliding_window,
+      )
+    else:
+      index = cache.index
+      segment = jax.lax.dynamic_update_slice(
+        cache.segment, segment_ids_BT.astype(jnp.int32), (0, index)
+      )
+      position = jax.lax.dynamic_update_slice(
+        cache.position, positions_BT.astype(jnp.int32), (0, index)
+      )
+      mask_BTS = attention_mask(
+        segment_ids_BT,
+        positions_BT,
+        index + q_slot_T,
+        segment,
+        position,
+        jnp.arange(cache.length),
+        cfg.sliding_window,
+      )
+      kv = (cache.k, cache.v)
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x_BTD, new_kv = stack(cfg, deterministic, name="layers")(
+        x_BTD, positions_BT, mask_BTS, kv, index
+      )
+    else:
+      new_layers = []
+      for i in range(cfg.num_layers):
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(
+          x_BTD, positions_BT, mask_BTS, layer_kv, index
+        )
+        new_layers.append(layer_kv)
+      new_kv = None if kv is None else tuple(jnp.stack(z) for z in zip(*new_layers, strict=True))
+
+    x_BTD = Norm(cfg, name="final_norm")(x_BTD)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(new_kv[0], new_kv[1], segment, position, index + t)
+    if return_hidden:
+      return x_BTD, new_cache
+    if cfg.tie_embeddings:
+      head_DV = embedding_VD.T
+    else:
+      head_DV = param(self, "head", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"))
+    logits_BTV = jnp.einsum(
+      "BTD,DV->BTV", x_BTD, head_DV.astype(dtype), preferred_element_type=jnp.float32
+    )
+    if cfg.final_logit_softcap is not None:
+      cap = cfg.final_logit_softcap
+      logits_BTV = cap * jnp.tanh(logits_BTV / cap)
+    logits_BTV = constrain(
+      logits_BTV, ("activation_batch", "activation_length", "activation_vocab")
+    )
+    return logits_BTV, new_cache
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """Scanned params (one 'layers' tree with a leading L axis) -> per-layer 'layers_i' trees."""
+  params = dict(params)
+  stacked = params.pop("layers")
+  for i in range(num_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Per-layer 'layers_i' trees -> one scanned 'layers' tree with a leading L axis."""
+  params = dict(params)
+  layers = [params.pop(f"layers_{i}") for i in range(num_layers)]
+  params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return params
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

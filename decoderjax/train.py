@@ -1,0 +1,33 @@
+"""Trains a model: python -m decoderjax.train --config=configs/NAME.py --workdir=DIR.
+
+Every config field can be overridden on the command line, e.g. --config.train.steps=100.
+Re-running the same command with the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from decoderjax import cli, data, experiment, trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; also a model directory.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  data_cfg = experiment.data_config(_CONFIG.value)
+  dataset = data.load_dataset(data_cfg, os.path.join(workdir, "data_cache"))
+  exp = experiment.experiment_from_config(_CONFIG.value, dataset.tokenizer.vocab_size)
+  final = trainer.train(exp, workdir, dataset)
+  print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,23 @@
+"""Shared test settings: float32 matmuls at full precision, numpy rank promotion refused."""
+
+import os
+import sys
+
+import jax
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+  """tiny Shakespeare if the shared data is there, else a public-domain passage."""
+  if os.path.exists(SHAKESPEARE):
+    with open(SHAKESPEARE) as f:
+      return f.read()
+  pytest.skip("../shared/data/tinyshakespeare.txt not found")

@@ -1,0 +1,248 @@
+"""The decoder against an independent float64 reference, and its structural properties."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+
+from decoderjax.config import ModelConfig, RopeScaling, get_preset
+from decoderjax.layers import rope_frequencies
+from decoderjax.model import Decoder, count_params, init_cache, stack_layers, unstack_layers
+
+VARIANTS = {
+  "gpt2": get_preset("tiny-gpt2", num_layers=2),
+  "llama-gqa": get_preset("tiny-llama"),
+  "mistral-window": get_preset("tiny-llama", sliding_window=3, tie_embeddings=False),
+  "qwen2-qkv-bias": get_preset("tiny-llama", qkv_bias=True),
+  "gemma": get_preset(
+    "tiny-llama",
+    norm_offset=True,
+    mlp="geglu",
+    embed_scale=True,
+    num_kv_heads=1,
+    head_dim=8,
+    attn_logit_softcap=5.0,
+    final_logit_softcap=3.0,
+  ),
+  "sinusoidal": get_preset("tiny-gpt2", position="sinusoidal"),
+}
+
+
+def init_params(cfg, seed=0, t=8):
+  params = Decoder(cfg).init(jax.random.key(seed), jnp.zeros((1, t), jnp.int32))["params"]
+  # Perturb norms and biases so that a mix-up between them cannot hide behind ones and zeros.
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+    lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype), nn.unbox(params)
+  )
+
+
+def tokens(cfg, b=2, t=12, seed=1):
+  return jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, toks, segment_ids_BT):
+  return Decoder(cfg).apply({"params": params}, toks, segment_ids_BT=segment_ids_BT)[0]
+
+
+def forward(cfg, params, toks, segment_ids_BT=None):
+  return _forward(cfg, params, toks, segment_ids_BT)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_matches_float64_reference(name):
+  cfg = VARIANTS[name]
+  params = init_params(cfg)
+  toks = np.asarray(tokens(cfg, b=1, t=9))
+  segments = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3]])
+  got = forward(cfg, params, toks, segment_ids_BT=segments)
+  ref = reference.forward(unstack_layers(params, cfg.num_layers), cfg, toks[0], segments[0])
+  np.testing.assert_allclose(got[0], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_causality():
+  cfg = VARIANTS["llama-gqa"]
+  params = init_params(cfg)
+  toks = tokens(cfg)
+  base = forward(cfg, params, toks)
+  for t in (3, 7):
+    changed = toks.at[:, t].set((toks[:, t] + 1) % cfg.vocab_size)
+    out = forward(cfg, params, changed)
+    np.testing.assert_array_equal(out[:, :t], base[:, :t])
+    assert np.abs(out[:, t] - base[:, t]).max() > 1e-4
+
+
+def test_packed_documents_are_isolated_and_positions_restart():
+  cfg = VARIANTS["gpt2"]
+  params = init_params(cfg)
+  a, b = tokens(cfg, 1, 5, seed=2), tokens(cfg, 1, 7, seed=3)
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.array([[1] * 5 + [2] * 7])
+  out = forward(cfg, params, packed, segment_ids_BT=segments)
+  np.testing.assert_allclose(out[:, :5], forward(cfg, params, a), atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:], forward(cfg, params, b), atol=1e-5)
+
+
+def test_padding_does_not_change_real_tokens():
+  cfg = VARIANTS["llama-gqa"]
+  params = init_params(cfg)
+  toks = tokens(cfg, 1, 6)
+  padded = jnp.concatenate([toks, jnp.zeros((1, 4), jnp.int32)], axis=1)
+  segments = jnp.array([[1] * 6 + [0] * 4])
+  out = forward(cfg, params, padded, segment_ids_BT=segments)
+  np.testing.assert_allclose(out[:, :6], forward(cfg, params, toks), atol=1e-5)
+  assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-window", "gemma"])
+def test_cache_decoding_equals_full_forward(name):
+  cfg = VARIANTS[name]
+  params = init_params(cfg)
+  toks = tokens(cfg, b=2, t=12)
+  full = forward(cfg, params, toks)
+  model = Decoder(cfg)
+  cache = init_cache(cfg, 2, 16)
+  logits, cache = model.apply({"params": params}, toks[:, :5], cache=cache)  # prefill
+  steps = [logits]
+  for t in range(5, 12):
+    logits, cache = model.apply({"params": params}, toks[:, t : t + 1], cache=cache)
+    steps.append(logits)
+  assert int(cache.index) == 12
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_scan_equals_unrolled_and_remat_equals_plain():
+  cfg = VARIANTS["llama-gqa"]
+  params = init_params(cfg)
+  toks = tokens(cfg)
+  scanned = forward(cfg, params, toks)
+  unrolled_cfg = cfg.replace(scan_layers=False)
+  unrolled = forward(unrolled_cfg, unstack_layers(params, cfg.num_layers), toks)
+  np.testing.assert_allclose(unrolled, scanned, atol=1e-5)
+  assert jax.tree.structure(stack_layers(unstack_layers(params, 2), 2)) == jax.tree.structure(
+    params
+  )
+
+  def loss(p, c):
+    return forward(c, p, toks).sum()
+
+  g_plain = jax.grad(loss)(params, cfg)
+  g_remat = jax.grad(loss)(params, cfg.replace(remat="full"))
+  for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dot_product_attention_impl_matches_xla():
+  cfg = VARIANTS["mistral-window"]
+  params = init_params(cfg)
+  toks = tokens(cfg)
+  segments = jnp.array([[1] * 6 + [2] * 6, [1] * 12])
+  xla = forward(cfg.replace(attention_impl="xla"), params, toks, segment_ids_BT=segments)
+  dpa = forward(
+    cfg.replace(attention_impl="dot_product_attention"), params, toks, segment_ids_BT=segments
+  )
+  np.testing.assert_allclose(dpa, xla, atol=1e-5)
+
+
+def test_bfloat16_close_to_float32():
+  cfg = VARIANTS["llama-gqa"]
+  params = init_params(cfg)
+  toks = tokens(cfg)
+  f32 = forward(cfg, params, toks)
+  bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  bf16 = forward(cfg.replace(dtype="bfloat16", param_dtype="bfloat16"), bf16_params, toks)
+  assert bf16.dtype == jnp.float32  # logits always float32
+  assert np.abs(np.asarray(bf16) - np.asarray(f32)).max() < 0.1 * np.abs(f32).max()
+  assert (np.argmax(bf16, -1) == np.argmax(f32, -1)).mean() > 0.8
+
+
+def test_gradients_finite_with_dropout():
+  cfg = VARIANTS["gpt2"].replace(embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)
+  params = init_params(cfg)
+  toks = tokens(cfg)
+
+  def loss(p):
+    out, _ = Decoder(cfg).apply(
+      {"params": p}, toks, deterministic=False, rngs={"dropout": jax.random.key(0)}
+    )
+    return jnp.mean(jax.nn.logsumexp(out, -1))
+
+  grads = jax.grad(loss)(params)
+  assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
+  assert not np.allclose(loss(params), jnp.mean(jax.nn.logsumexp(forward(cfg, params, toks), -1)))
+
+
+PUBLISHED_COUNTS = {
+  "gpt2": 124_439_808,
+  "gpt2-medium": 354_823_168,
+  "smollm2-135m": 134_515_008,
+  "llama-3.2-1b": 1_235_814_400,
+  "mistral-7b": 7_241_732_096,
+  "qwen2.5-0.5b": 494_032_768,
+  "gemma-2b": 2_506_172_416,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_COUNTS))
+def test_preset_parameter_counts(name):
+  cfg = get_preset(name)
+  shapes = jax.eval_shape(
+    lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  )  # costs no memory or compute
+  assert count_params(nn.unbox(shapes["params"])) == PUBLISHED_COUNTS[name]
+
+
+def test_llama3_rope_scaling_matches_published_formula():
+  cfg = get_preset("llama-3.2-1b")
+  s = cfg.rope_scaling
+  h = cfg.head_size
+  expected = []
+  for i in range(0, h, 2):
+    freq = 1.0 / cfg.rope_theta ** (i / h)
+    wavelen = 2 * np.pi / freq
+    if wavelen < s.original_max_position / s.high_freq_factor:
+      expected.append(freq)
+    elif wavelen > s.original_max_position / s.low_freq_factor:
+      expected.append(freq / s.factor)
+    else:
+      smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+      )
+      expected.append((1 - smooth) * freq / s.factor + smooth * freq)
+  np.testing.assert_allclose(rope_frequencies(cfg), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "changes, field",
+  [
+    (dict(embed_dim=65, num_heads=4), "num_heads"),
+    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+    (dict(position="alibi"), "position"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(attn_dropout=1.5), "attn_dropout"),
+  ],
+)
+def test_inconsistent_configs_name_the_field(changes, field):
+  with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+    ModelConfig(**changes)
+
+
+def test_unknown_preset_and_long_sequence_fail_clearly():
+  with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
+    get_preset("gpt5")
+  cfg = get_preset("tiny-gpt2", max_seq_len=8)
+  with pytest.raises(ValueError, match="max_seq_len=8"):
+    Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32))
+
+
+def test_config_json_round_trip():
+  cfg = get_preset("llama-3.2-1b")
+  assert ModelConfig.from_json(cfg.to_json()) == cfg
+  assert isinstance(ModelConfig.from_json(cfg.to_json()).rope_scaling, RopeScaling)
+  with pytest.raises(ValueError, match="unknown field"):
+    ModelConfig.from_dict({**cfg.to_dict(), "n_embd": 3})

@@ -1,0 +1,219 @@
+"""The train binary end to end: learning, exact resume after SIGKILL/SIGTERM, model directories."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import REPO
+
+from decoderjax import data, experiment, modeldir, trainer
+from decoderjax.model import Decoder
+
+TINY = [
+  "--config.model.num_layers=2",
+  "--config.model.embed_dim=32",
+  "--config.model.num_heads=2",
+  "--config.model.num_kv_heads=2",
+  "--config.model.mlp_dim=64",
+  "--config.model.max_seq_len=32",
+  "--config.data.seq_len=32",
+  "--config.train.batch_size=4",
+  "--config.eval.max_batches=2",
+  "--config.eval.batch_size=4",
+]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  words = ["the", "king", "queen", "speaks", "and", "my", "lord", "good", "night", "sweet"]
+  lines = [" ".join(rng.choice(words, 8)) + "." for _ in range(1500)]
+  path = tmp_path_factory.mktemp("data") / "corpus.txt"
+  path.write_text("\n".join(lines))
+  return str(path)
+
+
+def run_train(workdir, text_file, *extra, wait=True):
+  command = [
+    sys.executable,
+    "-m",
+    "decoderjax.train",
+    f"--config={REPO}/configs/default.py",
+    f"--workdir={workdir}",
+    "--config.data.source=text",
+    f"--config.data.path={text_file}",
+    *TINY,
+    *extra,
+  ]
+  if not wait:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def wait_for_step(workdir, step, proc, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(path) and max(losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"training never reached step {step}: {proc.communicate()}")
+
+
+def test_interrupted_runs_resume_to_identical_losses(tmp_path, text_file):
+  common = [
+    "--config.train.steps=24",
+    "--config.train.log_every=1",
+    "--config.checkpoint.every_steps=4",
+    "--config.eval.every_steps=8",
+    "--config.optimizer.warmup_steps=2",
+    "--config.optimizer.learning_rate=1e-2",
+  ]
+  reference = run_train(tmp_path / "a", text_file, *common)
+  assert reference.returncode == 0, reference.stderr
+  assert "--- sample" in reference.stdout
+  expected = losses(tmp_path / "a")
+  assert sorted(expected) == list(range(1, 25))
+  assert expected[24] < expected[1] - 0.5  # it learns
+
+  workdir = tmp_path / "b"
+  proc = run_train(workdir, text_file, *common, wait=False)
+  wait_for_step(workdir, 10, proc)
+  proc.kill()  # SIGKILL, possibly in the middle of an async checkpoint write
+  proc.wait()
+  proc = run_train(workdir, text_file, *common, wait=False)
+  wait_for_step(workdir, 14, proc)
+  proc.send_signal(signal.SIGTERM)  # preemption: save and exit cleanly
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert "SIGTERM: saved step" in out
+  finished = run_train(workdir, text_file, *common)
+  assert finished.returncode == 0, finished.stderr
+  assert "resumed from" in finished.stdout
+  assert losses(workdir) == expected  # bit-identical, every step
+
+  # The workdir is a model directory: its best checkpoint by validation loss is what loads.
+  model = modeldir.load_model_dir(str(workdir))
+  assert model.tokenizer.decode(model.tokenizer.encode("good night")) == "good night"
+  with modeldir.checkpoint_manager(str(workdir), read_only=True) as mngr:
+    assert mngr.best_step() in (8, 16, 24)
+    assert mngr.latest_step() == 24
+
+
+@pytest.mark.parametrize(
+  "extra, message",
+  [
+    (["--config.data.path=/nonexistent/*.txt"], "no file matches"),
+    (["--config.model.n_embd=3"], "n_embd"),
+    (["--config.data.seq_len=64"], "data.seq_len=64 exceeds model.max_seq_len=32"),
+    (["--config.optimizer.name=sgd"], "optimizer.name"),
+  ],
+)
+def test_bad_input_is_one_line_error(tmp_path, text_file, extra, message):
+  result = run_train(tmp_path / "w", text_file, "--config.train.steps=2", *extra)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_workdir_of_another_model_is_refused_and_untouched(tmp_path, text_file):
+  first = run_train(tmp_path / "w", text_file, "--config.train.steps=2")
+  assert first.returncode == 0, first.stderr
+  before = sorted(os.listdir(tmp_path / "w" / "checkpoints"))
+  second = run_train(
+    tmp_path / "w", text_file, "--config.train.steps=2", "--config.model.num_layers=3"
+  )
+  assert second.returncode == 1
+  assert "holds checkpoints of another model" in second.stderr
+  assert "num_layers" in second.stderr
+  assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == before
+
+
+def test_nonfinite_loss_stops_without_saving(tmp_path, text_file):
+  result = run_train(
+    tmp_path / "w",
+    text_file,
+    "--config.train.steps=6",
+    "--config.optimizer.learning_rate=1e30",
+    "--config.optimizer.clip_norm=0",
+    "--config.optimizer.warmup_steps=4",
+    "--config.checkpoint.every_steps=1",
+  )
+  # Warmup starts at learning rate 0: step 1 is sane, step 2 (lr 2.5e29) blows up.
+  assert result.returncode == 1
+  assert "non-finite loss" in result.stderr and "Traceback" not in result.stderr
+  assert "last good checkpoint: step 1" in result.stderr
+  restored = modeldir.load_model_dir(str(tmp_path / "w"))  # the last good step still loads
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
+
+
+def test_model_directory_round_trip_and_generate_cli(tmp_path):
+  from decoderjax.config import get_preset
+  from decoderjax.tokenizer import ByteTokenizer
+
+  cfg = get_preset("tiny-llama", vocab_size=258, max_seq_len=64)
+  import flax.linen as nn
+
+  params = nn.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  modeldir.save_model_dir(str(tmp_path / "m"), cfg, params, ByteTokenizer(), {"temperature": 0})
+  loaded = modeldir.load_model_dir(str(tmp_path / "m"))
+  assert loaded.config == cfg and loaded.generation["temperature"] == 0
+  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+  out = tmp_path / "out.json"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "decoderjax.generate",
+      f"--checkpoint={tmp_path / 'm'}",
+      "--prompt=Hello",
+      "--max_new_tokens=8",
+      f"--output_json={out}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  [record] = json.loads(out.read_text())
+  # Greedy decoding must equal the argmax of a full forward pass at every step.
+  seq = list(b"Hello")
+  for token in record["tokens"]:
+    logits, _ = Decoder(cfg).apply({"params": params}, jnp.asarray([seq]))
+    assert token == int(jnp.argmax(logits[0, -1]))
+    seq.append(token)
+  assert len(record["tokens"]) == 8
+
+
+def test_experiment_rejects_unknown_sections_and_keys():
+  config = ml_collections.ConfigDict({"model": experiment.model_section("tiny-gpt2"), "oops": {}})
+  with pytest.raises(ValueError, match="unknown section"):
+    experiment.experiment_from_config(config, 256)
+  config = ml_collections.ConfigDict(
+    {"model": experiment.model_section("tiny-gpt2"), "train": {"stepz": 3}}
+  )
+  with pytest.raises(ValueError, match="config.train: unknown key"):
+    experiment.experiment_from_config(config, 256)
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path, text_file):
+  ds = data.load_dataset(data.DataConfig(source="text", path=text_file, seq_len=16), str(tmp_path))
+  config = ml_collections.ConfigDict({"model": experiment.model_section("tiny-gpt2", vocab_size=8)})
+  exp = experiment.experiment_from_config(config, ds.tokenizer.vocab_size)
+  with pytest.raises(trainer.TrainingError, match="exceeds model.vocab_size=8"):
+    trainer.train(exp, str(tmp_path / "w"), ds)
