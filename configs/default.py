@@ -4,14 +4,11 @@ About 3 minutes on a 2-core CPU (validation loss about 1.6):
   python -m decoderjax.train --config=configs/default.py --workdir=/tmp/decoderjax
 """
 
-import ml_collections
-
-from decoderjax.experiment import model_section
+from decoderjax.experiment import base_config
 
 
 def get_config():
-  config = ml_collections.ConfigDict()
-  config.model = model_section(
+  config = base_config(
     "tiny-llama",
     vocab_size=0,  # the tokenizer's
     max_seq_len=256,
@@ -22,8 +19,8 @@ def get_config():
     mlp_dim=384,
     scan_layers=False,  # 4 layers: unrolled runs faster on CPU and still compiles in seconds
   )
-  config.data = dict(source="default", path="", tokenizer="char", seq_len=128, val_fraction=0.05)
-  config.optimizer = dict(
+  config.data.update(source="default", path="", tokenizer="char", seq_len=128, val_fraction=0.05)
+  config.optimizer.update(
     name="adamw",
     learning_rate=2e-3,
     end_learning_rate=2e-4,
@@ -32,8 +29,8 @@ def get_config():
     weight_decay=0.1,
     clip_norm=1.0,
   )
-  config.loss = dict(z_loss=0.0, label_smoothing=0.0, grad_accum_steps=1)
-  config.train = dict(
+  config.loss.update(z_loss=0.0, label_smoothing=0.0, grad_accum_steps=1)
+  config.train.update(
     steps=1000,
     batch_size=16,
     seed=0,
@@ -44,6 +41,6 @@ def get_config():
     on_nonfinite="stop",
     peak_flops=0.0,
   )
-  config.eval = dict(every_steps=500, max_batches=20, batch_size=32)
-  config.checkpoint = dict(every_steps=500, keep=2, keep_best=True, async_save=True)
+  config.eval.update(every_steps=500, max_batches=20, batch_size=32)
+  config.checkpoint.update(every_steps=500, keep=2, keep_best=True, async_save=True)
   return config

@@ -6,14 +6,11 @@ nanoGPT documents validation loss 1.88 after 2,000 iterations of batch 12 on tin
 Without a data path it trains on the embedded Shakespeare corpus.
 """
 
-import ml_collections
-
-from decoderjax.experiment import model_section
+from decoderjax.experiment import base_config
 
 
 def get_config():
-  config = ml_collections.ConfigDict()
-  config.model = model_section(
+  config = base_config(
     "tiny-gpt2",
     vocab_size=0,  # the tokenizer's
     max_seq_len=64,
@@ -23,8 +20,8 @@ def get_config():
     mlp_dim=512,
     use_bias=False,
   )
-  config.data = dict(source="default", path="", tokenizer="char", seq_len=64, val_fraction=0.1)
-  config.optimizer = dict(
+  config.data.update(source="default", path="", tokenizer="char", seq_len=64, val_fraction=0.1)
+  config.optimizer.update(
     name="adamw",
     learning_rate=1e-3,
     end_learning_rate=1e-4,
@@ -35,8 +32,8 @@ def get_config():
     weight_decay=0.1,
     clip_norm=1.0,
   )
-  config.loss = dict(z_loss=0.0, label_smoothing=0.0, grad_accum_steps=1)
-  config.train = dict(
+  config.loss.update(z_loss=0.0, label_smoothing=0.0, grad_accum_steps=1)
+  config.train.update(
     steps=2000,
     batch_size=12,
     seed=0,
@@ -47,6 +44,6 @@ def get_config():
     on_nonfinite="stop",
     peak_flops=0.0,
   )
-  config.eval = dict(every_steps=500, max_batches=0, batch_size=64)
-  config.checkpoint = dict(every_steps=1000, keep=2, keep_best=True, async_save=True)
+  config.eval.update(every_steps=500, max_batches=0, batch_size=64)
+  config.checkpoint.update(every_steps=1000, keep=2, keep_best=True, async_save=True)
   return config

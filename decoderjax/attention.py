@@ -30,13 +30,70 @@ def attention_mask(
   return mask
 
 
-def resolve_impl(cfg: ModelConfig, dropout_active: bool) -> str:
-  """Picks the attention kernel: XLA einsum on CPU or where a feature needs it, else jax.nn's."""
-  if cfg.attention_impl == "xla" or cfg.attn_logit_softcap is not None or dropout_active:
+SPLASH_BLOCK = 128  # splash attention tiles; sequences must be a multiple of it
+
+
+def resolve_impl(cfg: ModelConfig, dropout_active: bool, seq_len: int, cached: bool) -> str:
+  """Picks the attention kernel for this call.
+
+  auto: Pallas splash attention on TPU (full sequences whose length tiles), XLA einsums on CPU,
+  jax.nn.dot_product_attention (cuDNN flash attention) on GPU. Features a kernel lacks
+  (attention dropout; soft-capping outside splash; a KV cache for splash) fall back to XLA.
+  """
+  impl = cfg.attention_impl
+  if impl == "auto":
+    backend = jax.default_backend()
+    impl = {"tpu": "splash", "cpu": "xla"}.get(backend, "dot_product_attention")
+    if impl == "splash" and (cached or seq_len % SPLASH_BLOCK):
+      impl = "dot_product_attention"
+  if dropout_active or (impl == "splash" and cached):
     return "xla"
-  if cfg.attention_impl == "auto" and jax.default_backend() == "cpu":
+  if impl == "dot_product_attention" and cfg.attn_logit_softcap is not None:
     return "xla"
-  return "dot_product_attention"
+  return impl
+
+
+def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg: ModelConfig) -> Array:
+  """Pallas splash attention (TPU; interpreted elsewhere, for tests). Causal, by segment."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  b, t, n, h = q_BTNH.shape
+  k = k_BTKH.shape[2]
+  if t % SPLASH_BLOCK:
+    raise ValueError(f"splash attention needs a sequence length divisible by {SPLASH_BLOCK}")
+  if cfg.sliding_window is None:
+    mask = splash.CausalMask((t, t))
+  else:  # window by slot equals window by position: packed documents are contiguous
+    mask = splash.LocalMask((t, t), (cfg.sliding_window - 1, 0), offset=0)
+  block = max(d for d in (512, 256, 128) if t % d == 0)
+  sizes = dict(block_q=block, block_kv=block, block_kv_compute=block)
+  block_sizes = splash.BlockSizes(
+    **sizes,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  g = n // k
+  kernel = splash.make_splash_mqa(
+    splash.MultiHeadMask([mask] * g),
+    block_sizes=block_sizes,
+    head_shards=1,
+    q_seq_shards=1,
+    attn_logits_soft_cap=cfg.attn_logit_softcap,
+    interpret=jax.default_backend() != "tpu",
+  )
+  q_BKGTH = (q_BTNH * (h**-0.5)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+  k_BKTH = k_BTKH.transpose(0, 2, 1, 3)
+  v_BKTH = v_BTKH.transpose(0, 2, 1, 3)
+
+  def one(q_GTH, k_TH, v_TH, segment_T):
+    return kernel(q_GTH, k_TH, v_TH, segment_ids=splash.SegmentIds(q=segment_T, kv=segment_T))
+
+  per_kv_head = jax.vmap(one, in_axes=(0, 0, 0, None))  # over K
+  out_BKGTH = jax.vmap(per_kv_head)(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT)  # over B
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def xla_attention(
@@ -79,6 +136,7 @@ class Attention(nn.Module):
     mask_BTS: Array,
     kv: tuple[Array, Array] | None = None,
     cache_index: Array | None = None,
+    segment_ids_BT: Array | None = None,
   ) -> tuple[Array, tuple[Array, Array] | None]:
     cfg = self.config
     dtype = dtype_of(cfg.dtype)
@@ -114,7 +172,10 @@ class Attention(nn.Module):
       k_BSKH, v_BSKH = k_BSKH.astype(dtype), v_BSKH.astype(dtype)
 
     dropout_active = cfg.attn_dropout > 0 and not self.deterministic
-    if resolve_impl(cfg, dropout_active) == "xla":
+    impl = resolve_impl(cfg, dropout_active, x_BTD.shape[1], kv is not None)
+    if impl == "splash":
+      out_BTNH = splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg)
+    elif impl == "xla":
       dropout = None
       if dropout_active:
         dropout = nn.Dropout(cfg.attn_dropout, deterministic=False)

@@ -11,7 +11,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "geglu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention")
+ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention", "splash")
 
 
 @dataclasses.dataclass(frozen=True)

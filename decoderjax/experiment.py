@@ -73,6 +73,24 @@ def model_section(preset: str | None = None, **overrides) -> ml_collections.Conf
   return ml_collections.ConfigDict(values)
 
 
+def base_config(preset: str | None = None, **model_overrides) -> ml_collections.ConfigDict:
+  """A complete config: every section with every field at its default (all overridable)."""
+  config = ml_collections.ConfigDict()
+  config.model = model_section(preset, **model_overrides)
+  for name, cls in (
+    ("data", DataConfig),
+    ("optimizer", OptimizerConfig),
+    ("loss", LossConfig),
+    ("train", TrainConfig),
+    ("eval", EvalConfig),
+    ("checkpoint", CheckpointConfig),
+  ):
+    values = {f.name: f.default for f in dataclasses.fields(cls)}
+    values.pop("skip_nonfinite", None)  # derived from train.on_nonfinite
+    config[name] = ml_collections.ConfigDict(values)
+  return config
+
+
 def _section(cls, section, name):
   values = dict(section) if section is not None else {}
   known = {f.name for f in dataclasses.fields(cls)}

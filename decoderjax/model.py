@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from decoderjax.attention import Attention, attention_mask
+from decoderjax.attention import Attention, attention_mask, resolve_impl
 from decoderjax.config import ModelConfig
 from decoderjax.layers import Mlp, Norm, constrain, dtype_of, param, sinusoidal_positions
 
@@ -68,12 +68,12 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, cache_index=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, cache_index=None, segment_ids_BT=None):
     cfg = self.config
     with jax.named_scope("attention"):
       h_BTD = Norm(cfg, name="attn_norm")(x_BTD)
       h_BTD, new_kv = Attention(cfg, self.deterministic, name="attn")(
-        h_BTD, positions_BT, mask_BTS, kv, cache_index
+        h_BTD, positions_BT, mask_BTS, kv, cache_index, segment_ids_BT
       )
       x_BTD += nn.Dropout(cfg.resid_dropout)(h_BTD, deterministic=self.deterministic)
     with jax.named_scope("mlp"):
@@ -130,7 +130,10 @@ class Decoder(nn.Module):
     x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
 
     q_slot_T = jnp.arange(t)
-    if cache is None:
+    dropout_active = cfg.attn_dropout > 0 and not deterministic
+    if cache is None and resolve_impl(cfg, dropout_active, t, cached=False) == "splash":
+      kv, index, mask_BTS = None, None, None  # the kernel masks by segment ids itself
+    elif cache is None:
       kv, index = None, None
       mask_BTS = attention_mask(
         segment_ids_BT,
@@ -168,19 +171,19 @@ class Decoder(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x_BTD, new_kv = stack(cfg, deterministic, name="layers")(
-        x_BTD, positions_BT, mask_BTS, kv, index
+        x_BTD, positions_BT, mask_BTS, kv, index, segment_ids_BT
       )
     else:
       new_layers = []
       for i in range(cfg.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
         x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(
-          x_BTD, positions_BT, mask_BTS, layer_kv, index
+          x_BTD, positions_BT, mask_BTS, layer_kv, index, segment_ids_BT
         )
         new_layers.append(layer_kv)
       new_kv = None if kv is None else tuple(jnp.stack(z) for z in zip(*new_layers, strict=True))

@@ -217,3 +217,26 @@ def test_vocabulary_mismatch_is_refused(tmp_path, text_file):
   exp = experiment.experiment_from_config(config, ds.tokenizer.vocab_size)
   with pytest.raises(trainer.TrainingError, match="exceeds model.vocab_size=8"):
     trainer.train(exp, str(tmp_path / "w"), ds)
+
+
+@pytest.mark.parametrize(
+  "name",
+  [
+    "default",
+    "shakespeare_char_cpu",
+    "shakespeare_char",
+    "shakespeare_spm",
+    "gpt2_124m",
+    "llama_1b",
+  ],
+)
+def test_config_files_build_experiments(name):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  exp = experiment.experiment_from_config(module.get_config(), vocab_size=321)
+  assert exp.model.vocab_size == 321
+  assert exp.data.seq_len <= exp.model.max_seq_len
+  assert exp.train.batch_size % exp.loss.grad_accum_steps == 0
