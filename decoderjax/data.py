@@ -118,7 +118,7 @@ def load_dataset(cfg: DataConfig, cache_dir: str, tokenizer: Tokenizer | None = 
     else:
       val = tokenize_stream(val_docs, tokenizer)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npz"
+    tmp = f"{path}.{os.getpid()}.tmp.npz"  # hosts sharing a filesystem write side by side
     np.savez(tmp, train=train, val=val)
     os.replace(tmp, path)
   for name, tokens in (("training", train), ("validation", val)):
@@ -156,17 +156,13 @@ class Batches:
   """Deterministic training batches: batch(step) is a function of (seed, step) alone.
 
   Each epoch cuts the stream into windows at a fresh random offset and visits them in a fresh
-  random order. `process_index/count` select this host's rows of the global batch.
+  random order. `rows` selects this host's rows of the global batch.
   """
 
-  def __init__(self, tokens, seq_len, batch_size, seed, eos_id, process_index=0, process_count=1):
-    if batch_size % process_count:
-      raise ValueError(f"train.batch_size={batch_size} is not divisible by {process_count} hosts")
+  def __init__(self, tokens, seq_len, batch_size, seed, eos_id, rows: slice | None = None):
     self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
     self.seed, self.eos_id = seed, eos_id
-    self.rows = slice(
-      process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count
-    )
+    self.rows = rows or slice(0, batch_size)  # this host's rows of the global batch
     self.windows_per_epoch = (len(tokens) - 1 - seq_len) // seq_len  # leaves room for any offset
     self._orders = {}  # the permutations of the current and previous epoch
 

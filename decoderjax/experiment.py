@@ -10,6 +10,7 @@ from ml_collections import config_dict
 from decoderjax.config import ModelConfig, get_preset
 from decoderjax.data import DataConfig
 from decoderjax.optimizer import OptimizerConfig
+from decoderjax.sharding import MeshConfig
 from decoderjax.steps import LossConfig
 
 _OPTIONAL_TYPES = {
@@ -58,6 +59,7 @@ class Experiment:
   train: TrainConfig
   eval: EvalConfig
   checkpoint: CheckpointConfig
+  mesh: MeshConfig = MeshConfig()
 
 
 def model_section(preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
@@ -84,9 +86,11 @@ def base_config(preset: str | None = None, **model_overrides) -> ml_collections.
     ("train", TrainConfig),
     ("eval", EvalConfig),
     ("checkpoint", CheckpointConfig),
+    ("mesh", MeshConfig),
   ):
     values = {f.name: f.default for f in dataclasses.fields(cls)}
     values.pop("skip_nonfinite", None)  # derived from train.on_nonfinite
+    values.pop("rules", None)  # the default logical-axis rules unless a config sets mesh.rules
     config[name] = ml_collections.ConfigDict(values)
   return config
 
@@ -135,4 +139,5 @@ def experiment_from_config(config: ml_collections.ConfigDict, vocab_size: int) -
     train=train,
     eval=_section(EvalConfig, config.get("eval"), "eval"),
     checkpoint=_section(CheckpointConfig, config.get("checkpoint"), "checkpoint"),
+    mesh=_section(MeshConfig, config.get("mesh"), "mesh"),
   )

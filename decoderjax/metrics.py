@@ -64,7 +64,7 @@ class Logger:
     self.total, self.tty = total_steps, sys.stdout.isatty()
     self.t0, self.step0 = time.perf_counter(), start_step
     for path in (self.path, self.samples_path):  # a resumed run re-logs steps after its checkpoint
-      if os.path.exists(path):
+      if os.path.exists(path) and jax.process_index() == 0:
         with open(path) as f:
           kept = [line for line in f if json.loads(line)["step"] <= start_step]
         with open(path, "w") as f:

@@ -58,7 +58,7 @@ def decay_mask(cfg: OptimizerConfig, params):
   """True where weight decay applies: matrices always; embeddings, norms, biases as configured."""
 
   def decays(path, leaf) -> bool:
-    name = str(getattr(path[-1], "key", path[-1]))
+    name = [str(p.key) for p in path if hasattr(p, "key")][-1]  # skips nn.Partitioned boxes
     if name in ("embedding", "position_embedding", "head"):
       return cfg.decay_embeddings
     if name == "scale" or name == "bias" or name.endswith("_bias"):

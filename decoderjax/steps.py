@@ -76,7 +76,10 @@ def train_step(state: TrainState, batch, *, cfg, optimizer, loss_cfg: LossConfig
     carry = (jax.tree.map(jnp.add, grads, g), loss_sum + micro_loss, weight_sum + micro_weight)
     return carry, None
 
-  micro_batches = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
+  # Microbatch i takes rows i, i + a, ...: each device's rows stay on that device.
+  micro_batches = jax.tree.map(
+    lambda x: x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1), batch
+  )
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   (grads, loss_sum, weight_sum), _ = jax.lax.scan(
     micro, (zeros, 0.0, 0.0), (micro_batches, jnp.arange(a))

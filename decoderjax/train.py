@@ -11,15 +11,21 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from decoderjax import cli, data, experiment, trainer
+from decoderjax import cli, data, experiment, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; also a model directory.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", "", "host:port of process 0, for multi-host runs outside TPU/SLURM/GKE."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
+  sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   data_cfg = experiment.data_config(_CONFIG.value)

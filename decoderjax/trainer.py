@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from decoderjax import data as data_lib
 from decoderjax import metrics as metrics_lib
 from decoderjax import modeldir
+from decoderjax import sharding as sharding_lib
 from decoderjax.experiment import Experiment
 from decoderjax.model import Decoder, count_params
 from decoderjax.optimizer import make_optimizer, make_schedule
@@ -41,27 +42,40 @@ def check_workdir(workdir: str, exp: Experiment) -> None:
       )
 
 
-def init_state(exp: Experiment, optimizer) -> TrainState:
-  def init(rng):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    params = nn.unbox(Decoder(exp.model).init(rng, tokens)["params"])
+def state_shardings(exp: Experiment, optimizer, mesh):
+  """Shardings of the train state, derived from the parameters' logical axes (no memory)."""
+
+  def boxed_init(rng):
+    params = Decoder(exp.model).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      opt_state=optimizer.init(params),
+      opt_state=optimizer.init(params),  # optimizer moments inherit the parameters' axes
       rng=jax.random.key_data(jax.random.key(exp.train.seed + 1)),
     )
 
-  return jax.jit(init)(jax.random.key(exp.train.seed))
+  boxed = jax.eval_shape(boxed_init, jax.random.key(exp.train.seed))
+  shardings = sharding_lib.logical_shardings(mesh, exp.mesh.rules, boxed)
+  sharding_lib.check_divisible(sharding_lib.strip_boxes(boxed), shardings)
+  return boxed_init, shardings
 
 
-def evaluate(eval_fn, params, tokens, exp: Experiment, eos_id) -> dict:
+def init_state(exp: Experiment, optimizer, mesh) -> TrainState:
+  """The initial train state, created directly sharded (never whole on one device)."""
+  boxed_init, shardings = state_shardings(exp, optimizer, mesh)
+  init = jax.jit(lambda rng: nn.unbox(boxed_init(rng)), out_shardings=shardings)
+  return init(jax.random.key(exp.train.seed))
+
+
+def evaluate(eval_fn, params, tokens, exp: Experiment, eos_id, mesh) -> dict:
   loss_sum, weight_sum = 0.0, 0.0
   batch_size = exp.eval.batch_size or exp.train.batch_size
+  rows = sharding_lib.local_batch_rows(mesh, batch_size)
   for batch in data_lib.eval_batches(
     tokens, exp.data.seq_len, batch_size, eos_id, exp.eval.max_batches
   ):
-    batch_loss, batch_weight = eval_fn(params, batch)
+    local = {k: v[rows] for k, v in batch.items()}
+    batch_loss, batch_weight = eval_fn(params, sharding_lib.global_batch(mesh, local))
     loss_sum, weight_sum = loss_sum + float(batch_loss), weight_sum + float(batch_weight)
   loss = loss_sum / max(weight_sum, 1.0)
   return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0)))}
@@ -106,6 +120,12 @@ class _Preemption:
 
 def train(exp: Experiment, workdir: str, dataset: data_lib.Dataset) -> dict:
   """Trains (resuming from the workdir's latest checkpoint); returns the final metrics."""
+  mesh = sharding_lib.make_mesh(exp.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):
+    return _train(exp, workdir, dataset, mesh)
+
+
+def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> dict:
   check_workdir(workdir, exp)
   if dataset.tokenizer.vocab_size > exp.model.vocab_size:
     raise TrainingError(
@@ -121,28 +141,31 @@ def train(exp: Experiment, workdir: str, dataset: data_lib.Dataset) -> dict:
       f"train.batch_size={exp.train.batch_size} is not divisible by "
       f"loss.grad_accum_steps={exp.loss.grad_accum_steps}"
     )
-  modeldir.write_metadata(workdir, exp.model, dataset.tokenizer)
+  if jax.process_index() == 0:
+    modeldir.write_metadata(workdir, exp.model, dataset.tokenizer)
   tokenizer, eos_id = dataset.tokenizer, dataset.tokenizer.eos_id
   optimizer = make_optimizer(exp.optimizer, exp.train.steps)
   schedule = make_schedule(exp.optimizer, exp.train.steps)
+  state = init_state(exp, optimizer, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
   step_fn = jax.jit(
     functools.partial(
       train_step, cfg=exp.model, optimizer=optimizer, loss_cfg=exp.loss, schedule=schedule
     ),
+    in_shardings=(shardings, batch_sharding),
+    out_shardings=(shardings, None),
     donate_argnums=0,
   )
-  eval_fn = jax.jit(functools.partial(eval_step, cfg=exp.model, loss_cfg=exp.loss))
+  eval_fn = jax.jit(
+    functools.partial(eval_step, cfg=exp.model, loss_cfg=exp.loss),
+    in_shardings=(shardings.params, batch_sharding),
+  )
+  rows = sharding_lib.local_batch_rows(mesh, exp.train.batch_size)
   batches = data_lib.Batches(
-    dataset.train_tokens,
-    exp.data.seq_len,
-    exp.train.batch_size,
-    exp.data.seed,
-    eos_id,
-    jax.process_index(),
-    jax.process_count(),
+    dataset.train_tokens, exp.data.seq_len, exp.train.batch_size, exp.data.seed, eos_id, rows
   )
 
-  state = init_state(exp, optimizer)
   mngr = modeldir.checkpoint_manager(workdir, exp.checkpoint.keep, exp.checkpoint.keep_best)
   if mngr.latest_step() is not None:
     restored = mngr.restore(
@@ -192,7 +215,7 @@ def train(exp: Experiment, workdir: str, dataset: data_lib.Dataset) -> dict:
   t_last, step_last = time.perf_counter(), start_step
   try:
     for step in range(start_step, exp.train.steps):
-      state, m = step_fn(state, batches.batch(step))
+      state, m = step_fn(state, sharding_lib.global_batch(mesh, batches.batch(step)))
       done = step + 1
       loss = float(m["loss"])  # the host follows the device; cheap at these step sizes
       finite = np.isfinite(loss) and np.isfinite(float(m["param_norm"]))
@@ -217,7 +240,7 @@ def train(exp: Experiment, workdir: str, dataset: data_lib.Dataset) -> dict:
         }
       eval_now = exp.eval.every_steps and done % exp.eval.every_steps == 0
       if eval_now or done == exp.train.steps:
-        last = evaluate(eval_fn, state.params, dataset.val_tokens, exp, eos_id)
+        last = evaluate(eval_fn, state.params, dataset.val_tokens, exp, eos_id, mesh)
         record = {**(record or {"step": done, "loss": loss}), **last}
       logger.log(done, record)
       if exp.train.sample_every and done % exp.train.sample_every == 0:

@@ -79,7 +79,10 @@ def test_batches_are_a_function_of_step_and_cover_each_epoch():
 def test_hosts_read_disjoint_rows_of_the_global_batch():
   tokens = np.arange(1000, dtype=np.int32)
   whole = data.Batches(tokens, 10, 4, 0, None).batch(5)["inputs"]
-  parts = [data.Batches(tokens, 10, 4, 0, None, i, 2).batch(5)["inputs"] for i in range(2)]
+  parts = [
+    data.Batches(tokens, 10, 4, 0, None, slice(2 * i, 2 * i + 2)).batch(5)["inputs"]
+    for i in range(2)
+  ]
   np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 

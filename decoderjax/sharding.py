@@ -1,0 +1,172 @@
+"""Device meshes and logical-axis sharding rules (data / FSDP / tensor parallel, multi-slice).
+
+The model names the logical axes of every parameter and key activation; the rules below (config
+data, checked for collisions) map them onto mesh axes. Nothing else in the package names a mesh
+axis except the batch, which is split over `data` and `fsdp`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes. FSDP shards every matrix's `embed` side and gathers it per layer
+# inside the scanned step; tensor parallelism splits heads and the MLP width (Megatron column /
+# row splits) and the vocabulary.
+DEFAULT_RULES = (
+  ("activation_batch", BATCH_AXES),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("q_heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("norm", None),
+  ("layers", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1  # -1: whatever the other axes leave
+  fsdp: int = 1
+  tensor: int = 1
+  dcn_data: int = 1  # across slices / hosts over the data-center network (multi-slice TPU)
+  dcn_fsdp: int = 1
+  rules: tuple = DEFAULT_RULES
+
+  def __post_init__(self):
+    if isinstance(self.rules, list | tuple):
+      rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], list) else r[1]) for r in self.rules)
+      object.__setattr__(self, "rules", rules)
+    check_rules(self.rules)
+
+
+def check_rules(rules) -> None:
+  """Refuses rules that map one logical axis twice or name an unknown mesh axis."""
+  seen = set()
+  for logical, mesh_axes in rules:
+    if logical in seen:
+      raise ValueError(f"mesh.rules: logical axis {logical!r} is mapped twice")
+    seen.add(logical)
+    for axis in (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ():
+      if axis not in AXES:
+        raise ValueError(f"mesh.rules: {logical!r} maps to unknown mesh axis {axis!r}")
+
+
+def mesh_shape(cfg: MeshConfig, device_count: int) -> dict[str, int]:
+  """Axis sizes (ICI x DCN) with one -1 resolved; their product must be the device count."""
+  ici = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+  dcn = {"data": cfg.dcn_data, "fsdp": cfg.dcn_fsdp, "tensor": 1}
+  per_slice = device_count // math.prod(dcn.values())
+  free = [a for a, n in ici.items() if n == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh: only one axis may be -1, got {free}")
+  if free:
+    known = math.prod(n for n in ici.values() if n != -1)
+    ici[free[0]] = max(per_slice // known, 1)
+  shape = {a: ici[a] * dcn[a] for a in AXES}
+  if math.prod(shape.values()) != device_count:
+    raise ValueError(
+      f"mesh: data={shape['data']} x fsdp={shape['fsdp']} x tensor={shape['tensor']} = "
+      f"{math.prod(shape.values())} devices, but there are {device_count} devices"
+    )
+  return shape
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(cfg, len(devices))
+  ici = [shape[a] // d for a, d in zip(AXES, (cfg.dcn_data, cfg.dcn_fsdp, 1), strict=True)]
+  dcn = [cfg.dcn_data, cfg.dcn_fsdp, 1]
+  if math.prod(dcn) > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  else:
+    try:
+      grid = mesh_utils.create_device_mesh(ici, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = np.asarray(devices).reshape(ici)
+  return Mesh(grid, AXES)
+
+
+def logical_shardings(mesh: Mesh, rules, boxed_tree):
+  """NamedShardings for a tree whose leaves may be nn.Partitioned (logical axis names)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def strip_boxes(tree):
+  """The values inside nn.Partitioned boxes (no sharding constraint applied, unlike unbox)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def check_divisible(abstract_tree, shardings) -> None:
+  """Every sharded dimension must split evenly: name the array, dimension and mesh axis."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(abstract_tree)
+  flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  for (path, leaf), sharding in zip(flat, flat_shardings, strict=True):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec, strict=False)):
+      names = (axes,) if isinstance(axes, str) else axes or ()
+      ways = math.prod(sharding.mesh.shape[a] for a in names)
+      if size % ways:
+        raise ValueError(
+          f"{jax.tree_util.keystr(path)}: dimension {dim} of size {size} does not divide over "
+          f"mesh axis {'x'.join(names)} of size {ways}"
+        )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def local_batch_rows(mesh: Mesh, global_batch: int) -> slice:
+  """The rows of the global batch that this process's devices hold (contiguous)."""
+  if global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise ValueError(
+      f"train.batch_size={global_batch} does not divide over mesh data x fsdp = "
+      f"{mesh.shape['data'] * mesh.shape['fsdp']} devices"
+    )
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [idx[0].stop if idx[0].stop is not None else global_batch for idx in index_map.values()]
+  return slice(min(starts), max(stops))
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id=-1):
+  """jax.distributed for multi-host runs: explicit flags, or the cluster's environment.
+
+  Cloud TPU pod slices, SLURM (srun with several tasks) and GKE set variables JAX reads itself;
+  on one host nothing happens. CPU runs use gloo collectives.
+  """
+  if jax.config.jax_platforms in (None, "", "cpu") and (coordinator or num_processes > 1):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator:
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif (
+    int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+    or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  ):
+    jax.distributed.initialize()
