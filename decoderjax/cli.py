@@ -32,6 +32,26 @@ def _parse_flags(argv):
     _fail(f"unknown config key {e}; a config file's get_config() lists the known ones")
 
 
+def define_mesh_flags():
+  """--mesh_data/--mesh_fsdp/--mesh_tensor for the inference binaries; returns a mesh getter."""
+  sizes = {
+    axis: flags.DEFINE_integer(f"mesh_{axis}", 0, f"Devices on the {axis} axis (0: unsharded).")
+    for axis in ("data", "fsdp", "tensor")
+  }
+
+  def mesh():
+    from decoderjax import sharding
+
+    if not any(flag.value for flag in sizes.values()):
+      return None
+    values = {axis: flag.value or 1 for axis, flag in sizes.items()}
+    if not sizes["data"].value:
+      values["data"] = -1
+    return sharding.make_mesh(sharding.MeshConfig(**values))
+
+  return mesh
+
+
 def run(main) -> None:
   """absl's app.run, with user-fixable errors printed as `error: ...` and exit status 1."""
 

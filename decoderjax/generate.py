@@ -5,14 +5,16 @@ Sampling defaults come from the model directory's generation.json; flags overrid
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import flags
 
-from decoderjax import cli, modeldir
+from decoderjax import cli, modeldir, sharding
 from decoderjax.sampling import generate_tokens, left_pad
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
@@ -24,6 +26,7 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tok
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass (1: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write [{prompt, text, tokens}] here.")
+_MESH = cli.define_mesh_flags()
 flags.mark_flag_as_required("checkpoint")
 
 
@@ -43,7 +46,8 @@ def main(argv):
   ):
     if flag.value is not None and not ok(flag.value):
       raise ValueError(f"--{flag.name} must be {rule}, got {flag.value}")
-  model = modeldir.load_model_dir(_CHECKPOINT.value)
+  mesh = _MESH()
+  model = modeldir.load_model_dir(_CHECKPOINT.value, mesh)
   gen = model.generation
   options = {
     "max_new_tokens": _MAX_NEW.value if _MAX_NEW.value is not None else gen["max_new_tokens"],
@@ -64,19 +68,23 @@ def main(argv):
   tokens, mask = left_pad(encoded)
   eos = tok.eos_id if tok.eos_id is not None else -1
   start = time.perf_counter()
-  out, lengths = generate_tokens(
-    model.params,
-    model.config,
-    tokens,
-    mask,
-    jax.random.key(_SEED.value),
-    options["max_new_tokens"],
-    options["temperature"],
-    options["top_k"],
-    options["top_p"],
-    eos,
-  )
-  out, lengths = np.asarray(out), np.asarray(lengths)
+  with contextlib.ExitStack() as context:
+    if mesh is not None:  # parameters sharded by their logical axes; XLA partitions the rest
+      context.enter_context(jax.set_mesh(mesh))
+      context.enter_context(nn.logical_axis_rules(sharding.DEFAULT_RULES))
+    out, lengths = generate_tokens(
+      model.params,
+      model.config,
+      tokens,
+      mask,
+      jax.random.key(_SEED.value),
+      options["max_new_tokens"],
+      options["temperature"],
+      options["top_k"],
+      options["top_p"],
+      eos,
+    )
+    out, lengths = np.asarray(out), np.asarray(lengths)
   seconds = time.perf_counter() - start
   results = []
   for prompt, row, n in zip(prompts, out, lengths, strict=True):

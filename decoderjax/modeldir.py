@@ -13,11 +13,11 @@ import dataclasses
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from decoderjax import sharding as sharding_lib
 from decoderjax.config import ModelConfig
 from decoderjax.model import Decoder
 from decoderjax.tokenizer import Tokenizer, load_tokenizer
@@ -63,13 +63,20 @@ def read_config(directory: str) -> ModelConfig:
   return ModelConfig.from_dict(config["model"])
 
 
-def abstract_params(cfg: ModelConfig, sharding=None):
-  """Shapes and dtypes of the parameters (no memory), optionally with target shardings."""
+def abstract_params(cfg: ModelConfig, mesh=None, rules=sharding_lib.DEFAULT_RULES):
+  """Shapes and dtypes of the parameters (no memory), placed on one device or over `mesh`."""
   init = lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  shapes = nn.unbox(jax.eval_shape(init))
-  if sharding is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+  boxed = jax.eval_shape(init)
+  shapes = sharding_lib.strip_boxes(boxed)
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: one, shapes)
+  else:
+    shardings = sharding_lib.logical_shardings(mesh, rules, boxed)
+    sharding_lib.check_divisible(shapes, shardings)
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
 
 
 def save_params(directory: str, params) -> None:
@@ -102,9 +109,12 @@ def checkpoint_manager(directory: str, keep: int = 3, keep_best: bool = True, re
   )
 
 
-def load_params(directory: str, cfg: ModelConfig, sharding=None, step: int | None = None):
-  """Parameters of a model directory: `params/`, else the best (or latest) training step."""
-  target = abstract_params(cfg, sharding)
+def load_params(directory: str, cfg: ModelConfig, mesh=None, step: int | None = None):
+  """Parameters of a model directory: `params/`, else the best (or latest) training step.
+
+  With a mesh, each parameter is restored directly into its sharding (resharding on load).
+  """
+  target = abstract_params(cfg, mesh)
   params_path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
   if os.path.isdir(params_path) and step is None:
     with ocp.StandardCheckpointer() as ckptr:
@@ -122,7 +132,7 @@ def load_params(directory: str, cfg: ModelConfig, sharding=None, step: int | Non
   return restored["params"]
 
 
-def load_model_dir(directory: str, sharding=None) -> ModelDir:
+def load_model_dir(directory: str, mesh=None) -> ModelDir:
   cfg = read_config(directory)
   tokenizer = load_tokenizer(os.path.join(directory, TOKENIZER_DIR))
   if tokenizer.vocab_size > cfg.vocab_size:
@@ -135,4 +145,4 @@ def load_model_dir(directory: str, sharding=None) -> ModelDir:
   if os.path.exists(path):
     with open(path) as f:
       generation.update(json.load(f))
-  return ModelDir(cfg, load_params(directory, cfg, sharding), tokenizer, generation)
+  return ModelDir(cfg, load_params(directory, cfg, mesh), tokenizer, generation)

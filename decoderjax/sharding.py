@@ -164,9 +164,16 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator:
     jax.distributed.initialize(coordinator, num_processes, process_id)
-  elif (
-    int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-    or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  ):
-    jax.distributed.initialize()
+  elif _cluster_detected():
+    jax.distributed.initialize()  # JAX reads the coordinator and process ids from the cluster
+
+
+def _cluster_detected() -> bool:
+  """Whether JAX's own cluster detection (Cloud TPU, GKE, SLURM, Kubernetes) sees a cluster."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  try:
+    from jax._src.clusters import ClusterEnv  # the registry jax.distributed.initialize() uses
+  except ImportError:
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  return any(c.is_env_present() for c in ClusterEnv._cluster_types if not c.opt_in_only_method)

@@ -57,8 +57,36 @@ def mesh_flags(data=1, fsdp=1, tensor=1):
 
 
 @pytest.fixture(scope="module")
-def single_device_losses(tmp_path_factory, text_file):
-  return train(tmp_path_factory.mktemp("one") / "w", text_file)
+def single_device_run(tmp_path_factory, text_file):
+  workdir = tmp_path_factory.mktemp("one") / "w"
+  return train(workdir, text_file), workdir
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(single_device_run):
+  return single_device_run[0]
+
+
+def test_generation_and_evaluation_run_sharded(tmp_path, single_device_run):
+  workdir = single_device_run[1]
+
+  def run(binary, *extra, env=None):
+    out = tmp_path / f"{binary}-{len(extra)}.json"
+    command = [sys.executable, "-m", f"decoderjax.{binary}", f"--checkpoint={workdir}",
+               f"--output_json={out}", *extra]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+  greedy = ["--prompt=word1 and", "--prompt=more", "--temperature=0", "--max_new_tokens=12"]
+  mesh = ["--mesh_tensor=2", "--mesh_fsdp=4"]
+  assert run("generate", *greedy, *mesh, env=EIGHT) == run("generate", *greedy)
+  text = tmp_path / "t.txt"
+  text.write_text("word3 and more4. word5 and more6. " * 20)
+  one = run("evaluate", f"--text_file={text}")
+  eight = run("evaluate", f"--text_file={text}", *mesh, env=EIGHT)
+  assert eight["tokens"] == one["tokens"]
+  assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -173,8 +201,10 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, text_file):
       for i in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-      assert p.returncode == 0, err[-3000:]
+    codes = [p.returncode for p in procs]
+    assert codes == [0, 0], "\n".join(
+      f"process {i}: {err[-2000:]}" for i, (_, err) in enumerate(outs)
+    )
     return outs
 
   launch(steps=2)
@@ -183,3 +213,18 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, text_file):
   with open(tmp_path / "w" / "metrics.jsonl") as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps == [1, 2, 3, 4]
+
+
+def test_local_multiprocess_launch_script(tmp_path, text_file):
+  env = {**os.environ, "NUM_PROCESSES": "2", "DEVICES_PER_PROCESS": "1",
+         "PYTHON": sys.executable, "LOG_DIR": str(tmp_path)}  # fmt: skip
+  result = subprocess.run(
+    ["bash", f"{REPO}/launch/local_multiprocess.sh", f"--config={REPO}/configs/default.py",
+     f"--workdir={tmp_path / 'w'}", "--config.data.source=text",
+     f"--config.data.path={text_file}", "--config.train.steps=2", *MODEL,
+     *mesh_flags(data=2)],
+    capture_output=True, text=True, env=env, timeout=600,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step=2" in result.stdout
+  assert (tmp_path / "process_1.log").exists()
