@@ -43,7 +43,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   norm_offset: bool = False  # Gemma: norm weight applied as (1 + w)
   mlp: str = "swiglu"  # one of MLPS
-  use_bias: bool = False  # biases on every projection (GPT-2)
+  use_bias: bool = False  # biases on every projection and LayerNorm (GPT-2)
   qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
   tie_embeddings: bool = True  # output head shares the token embedding
   sliding_window: int | None = None  # Mistral: a query sees at most this many keys back

@@ -71,7 +71,7 @@ class Norm(nn.Module):
     lead = (1,) * (x.ndim - 1)  # explicit broadcasting over leading axes
     scale = param(self, "scale", (d,), ("norm",), init).astype(jnp.float32).reshape(*lead, d)
     x = x * (1.0 + scale if cfg.norm_offset else scale)
-    if cfg.norm == "layernorm":
+    if cfg.norm == "layernorm" and cfg.use_bias:  # nanoGPT's bias=False drops these too
       bias = param(self, "bias", (d,), ("norm",), nn.initializers.zeros)
       x = x + bias.astype(jnp.float32).reshape(*lead, d)
     return x.astype(dtype_of(cfg.dtype))

@@ -157,7 +157,19 @@ class HFTokenizer(Tokenizer):
     self.json_text = json_text
     self.tok = _Tokenizer.from_str(json_text)
     self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-    self.eos_id, self.bos_id = eos_id, bos_id
+    self.eos_id = eos_id if eos_id is not None else self._first_of(self.EOS_NAMES)
+    self.bos_id = bos_id if bos_id is not None else self._first_of(self.BOS_NAMES)
+
+  EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
+  BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
+
+  def _first_of(self, names) -> int | None:
+    """The id of the first conventional special token the vocabulary has."""
+    for name in names:
+      token_id = self.tok.token_to_id(name)
+      if token_id is not None:
+        return token_id
+    return None
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids

@@ -214,10 +214,13 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
   step_tokens = exp.train.batch_size * exp.data.seq_len
   t_last, step_last = time.perf_counter(), start_step
   try:
+    next_batch = sharding_lib.global_batch(mesh, batches.batch(start_step))
     for step in range(start_step, exp.train.steps):
-      state, m = step_fn(state, sharding_lib.global_batch(mesh, batches.batch(step)))
+      state, m = step_fn(state, next_batch)  # dispatched asynchronously
       done = step + 1
-      loss = float(m["loss"])  # the host follows the device; cheap at these step sizes
+      if done < exp.train.steps:  # prefetch: the next batch is built and sent meanwhile
+        next_batch = sharding_lib.global_batch(mesh, batches.batch(done))
+      loss = float(m["loss"])  # waits for the step: checks every step before any save
       finite = np.isfinite(loss) and np.isfinite(float(m["param_norm"]))
       if not finite and exp.train.on_nonfinite == "stop":
         kept = mngr.latest_step()

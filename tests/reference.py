@@ -13,7 +13,7 @@ def _norm(x, p, cfg):
   if cfg.norm == "layernorm":
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + cfg.norm_eps) * p["scale"] + p["bias"]
+    return (x - mu) / np.sqrt(var + cfg.norm_eps) * p["scale"] + p.get("bias", 0)
   scale = 1 + p["scale"] if cfg.norm_offset else p["scale"]
   return x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps) * scale
 

@@ -107,3 +107,54 @@ def test_eval_batches_cover_the_split_once():
   batches = list(data.eval_batches(tokens, seq_len=10, batch_size=4, eos_id=None))
   assert sum(b["weights"].sum() for b in batches) == 100
   assert all(b["inputs"].shape == (4, 10) for b in batches)
+
+
+def test_hf_tokenizer_json_trains_a_model_and_saves(tmp_path, shakespeare_text):
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+  hf = Tokenizer(models.BPE())
+  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"])
+  hf.train_from_iterator([shakespeare_text[:100_000]], trainer)
+  path = tmp_path / "tokenizer.json"
+  hf.save(str(path))
+
+  text = tmp_path / "t.txt"
+  text.write_text(shakespeare_text[:20_000])
+  cfg = data.DataConfig(source="text", path=str(text), tokenizer="hf", tokenizer_path=str(path))
+  ds = data.load_dataset(cfg, str(tmp_path / "cache"))
+  tok = ds.tokenizer
+  assert tok.kind == "hf" and tok.eos_id == hf.token_to_id("<|endoftext|>")
+  assert ds.train_tokens[:10].tolist() == hf.encode(shakespeare_text[:200]).ids[:10]
+  tok.save(str(tmp_path / "saved"))
+  again = load_tokenizer(str(tmp_path / "saved"))
+  assert again.encode("Good morrow") == tok.encode("Good morrow")
+  assert again.eos_id == tok.eos_id and again.vocab_size == tok.vocab_size
+
+
+def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")  # the `tfds` extra; CI installs it
+
+  class TinyPlays(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+      return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(0, 40), "test": self._generate_examples(40, 50)}
+
+    def _generate_examples(self, lo, hi):
+      for i in range(lo, hi):
+        yield i, {"text": f"Scene {i}. Enter the king, and speaks line {i}."}
+
+  TinyPlays(data_dir=str(tmp_path / "tfds")).download_and_prepare()  # built here, no download
+  cfg = data.DataConfig(source="tfds", tfds_name="tiny_plays", tfds_split="train",
+                        tfds_eval_split="test", tfds_data_dir=str(tmp_path / "tfds"),
+                        tokenizer="byte", seq_len=16)  # fmt: skip
+  ds = data.load_dataset(cfg, str(tmp_path / "cache"))
+  train_docs = ds.tokenizer.decode(ds.train_tokens).split("Scene ")
+  assert len(ds.train_tokens) > 40 * 30 and (ds.train_tokens == ds.tokenizer.eos_id).sum() == 40
+  assert (ds.val_tokens == ds.tokenizer.eos_id).sum() == 10
+  assert any(doc.startswith("7. Enter the king") for doc in train_docs)
