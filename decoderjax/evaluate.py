@@ -5,11 +5,9 @@ Reports the token count, mean next-token loss and perplexity over the whole file
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 
-import flax.linen as nn
 import jax
 from absl import flags
 
@@ -37,10 +35,7 @@ def main(argv):
     raise ValueError(f"{_TEXT_FILE.value} has too few tokens to score")
   step = jax.jit(lambda p, b: eval_step(p, b, cfg=model.config, loss_cfg=LossConfig()))
   loss_sum = count = 0.0
-  with contextlib.ExitStack() as context:
-    if mesh is not None:
-      context.enter_context(jax.set_mesh(mesh))
-      context.enter_context(nn.logical_axis_rules(sharding.DEFAULT_RULES))
+  with sharding.activate(mesh):
     for batch in data.eval_batches(tokens, seq_len, _BATCH.value, model.tokenizer.eos_id):
       batch_loss, batch_weight = step(model.params, batch)
       loss_sum, count = loss_sum + float(batch_loss), count + float(batch_weight)

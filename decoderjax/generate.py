@@ -5,11 +5,9 @@ Sampling defaults come from the model directory's generation.json; flags overrid
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 from absl import flags
@@ -68,10 +66,7 @@ def main(argv):
   tokens, mask = left_pad(encoded)
   eos = tok.eos_id if tok.eos_id is not None else -1
   start = time.perf_counter()
-  with contextlib.ExitStack() as context:
-    if mesh is not None:  # parameters sharded by their logical axes; XLA partitions the rest
-      context.enter_context(jax.set_mesh(mesh))
-      context.enter_context(nn.logical_axis_rules(sharding.DEFAULT_RULES))
+  with sharding.activate(mesh):  # parameters sharded by their logical axes; XLA does the rest
     out, lengths = generate_tokens(
       model.params,
       model.config,

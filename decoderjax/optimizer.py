@@ -76,7 +76,10 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
   elif cfg.name == "lion":
     opt = optax.lion(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
   else:
-    opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay, weight_decay_mask=mask)
+    # optax adds Adafactor's decay after the learning-rate scaling: scale it by the schedule so
+    # `weight_decay` means the same (decoupled, times the learning rate) for every optimizer.
+    decay = lambda count: cfg.weight_decay * schedule(count)
+    opt = optax.adafactor(schedule, weight_decay_rate=decay, weight_decay_mask=mask)
   if cfg.clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
   return opt

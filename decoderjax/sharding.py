@@ -7,6 +7,7 @@ axis except the batch, which is split over `data` and `fsdp`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -102,6 +103,16 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     except (ValueError, NotImplementedError, AssertionError):
       grid = np.asarray(devices).reshape(ici)
   return Mesh(grid, AXES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh | None, rules=DEFAULT_RULES):
+  """Traces inside this see the mesh and the logical rules (activation constraints apply)."""
+  if mesh is None:
+    yield
+    return
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def logical_shardings(mesh: Mesh, rules, boxed_tree):

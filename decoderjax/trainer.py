@@ -121,7 +121,7 @@ class _Preemption:
 def train(exp: Experiment, workdir: str, dataset: data_lib.Dataset) -> dict:
   """Trains (resuming from the workdir's latest checkpoint); returns the final metrics."""
   mesh = sharding_lib.make_mesh(exp.mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(exp.mesh.rules):
+  with sharding_lib.activate(mesh, exp.mesh.rules):
     return _train(exp, workdir, dataset, mesh)
 
 

@@ -49,3 +49,23 @@ def test_decay_mask_skips_norms_and_biases():
 def test_bad_optimizer_config_names_field():
   with pytest.raises(ValueError, match="optimizer.schedule"):
     OptimizerConfig(schedule="step")
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
+def test_each_optimizer_minimizes(name):
+  import jax
+  import optax
+
+  from decoderjax.optimizer import make_optimizer
+
+  target = jnp.arange(12.0).reshape(3, 4) / 10
+  params = {"w": jnp.full((3, 4), 0.5), "bias": jnp.full(4, 0.5)}  # adafactor scales by |w|
+  cfg = OptimizerConfig(name=name, learning_rate=0.05, warmup_steps=0, schedule="constant")
+  opt = make_optimizer(cfg, total_steps=200)
+  state = opt.init(params)
+  loss = lambda p: jnp.sum(jnp.square(p["w"] - target)) + jnp.sum(jnp.square(p["bias"] - 1))
+  first = loss(params)
+  for _ in range(200):
+    updates, state = opt.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  assert loss(params) < 0.1 * first
