@@ -58,11 +58,12 @@ def peak_flops(dtype: str = "float32") -> float:
 class Logger:
   """metrics.jsonl + TensorBoard + a progress line (a bar on a TTY, plain lines otherwise)."""
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0, tokens_per_step=0):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     self.total, self.tty = total_steps, sys.stdout.isatty()
-    self.t0, self.step0 = time.perf_counter(), start_step
+    self.tokens_per_step = tokens_per_step
+    self.t0, self.step0 = None, start_step  # rates count from the first step (compiled by then)
     for path in (self.path, self.samples_path):  # a resumed run re-logs steps after its checkpoint
       if os.path.exists(path) and jax.process_index() == 0:
         with open(path) as f:
@@ -80,12 +81,17 @@ class Logger:
         pass
 
   def log(self, step: int, record: dict | None) -> None:
+    if self.t0 is None:
+      self.t0, self.step0 = time.perf_counter(), step
     if self.tty:
       elapsed = time.perf_counter() - self.t0
       rate = (step - self.step0) / max(elapsed, 1e-9)
       eta = (self.total - step) / max(rate, 1e-9)
       filled = int(30 * step / max(self.total, 1))
-      line = f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} ETA {eta:5.0f}s"
+      line = (
+        f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} "
+        f"{rate * self.tokens_per_step:,.0f} tokens/s ETA {eta:5.0f}s"
+      )
       print(line, end="", flush=True)
     if record is None or jax.process_index() != 0:
       return

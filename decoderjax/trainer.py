@@ -189,7 +189,12 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
     f"data: {len(dataset.train_tokens):,} train / {len(dataset.val_tokens):,} val tokens",
     flush=True,
   )
-  logger = metrics_lib.Logger(workdir, exp.train.steps, start_step=int(state.step))
+  logger = metrics_lib.Logger(
+    workdir,
+    exp.train.steps,
+    start_step=int(state.step),
+    tokens_per_step=exp.train.batch_size * exp.data.seq_len,
+  )
   preemption = _Preemption()
 
   def save(step, metrics=None):
