@@ -56,13 +56,17 @@ def state_shardings(exp: Experiment, optimizer, mesh):
 
   boxed = jax.eval_shape(boxed_init, jax.random.key(exp.train.seed))
   shardings = sharding_lib.logical_shardings(mesh, exp.mesh.rules, boxed)
-  sharding_lib.check_divisible(sharding_lib.strip_boxes(boxed), shardings)
-  return boxed_init, shardings
+  shapes = sharding_lib.strip_boxes(boxed)
+  sharding_lib.check_divisible(shapes, shardings)
+  abstract = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
+  return boxed_init, shardings, abstract
 
 
 def init_state(exp: Experiment, optimizer, mesh) -> TrainState:
   """The initial train state, created directly sharded (never whole on one device)."""
-  boxed_init, shardings = state_shardings(exp, optimizer, mesh)
+  boxed_init, shardings, _ = state_shardings(exp, optimizer, mesh)
   init = jax.jit(lambda rng: nn.unbox(boxed_init(rng)), out_shardings=shardings)
   return init(jax.random.key(exp.train.seed))
 
@@ -146,8 +150,7 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
   tokenizer, eos_id = dataset.tokenizer, dataset.tokenizer.eos_id
   optimizer = make_optimizer(exp.optimizer, exp.train.steps)
   schedule = make_schedule(exp.optimizer, exp.train.steps)
-  state = init_state(exp, optimizer, mesh)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
+  _, shardings, abstract = state_shardings(exp, optimizer, mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   step_fn = jax.jit(
     functools.partial(
@@ -167,13 +170,15 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
   )
 
   mngr = modeldir.checkpoint_manager(workdir, exp.checkpoint.keep, exp.checkpoint.keep_best)
-  if mngr.latest_step() is not None:
+  if mngr.latest_step() is None:
+    state = init_state(exp, optimizer, mesh)
+  else:  # restored straight into the target shardings: no initialization, any earlier mesh
     restored = mngr.restore(
       mngr.latest_step(),
       args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(state.params),
+        params=ocp.args.StandardRestore(abstract.params),
         train_state=ocp.args.StandardRestore(
-          {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+          {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
         ),
       ),
     )
