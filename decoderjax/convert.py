@@ -1,0 +1,104 @@
+"""Converts checkpoints into decoderjax model directories.
+
+  python -m decoderjax.convert --from=hf --input=HF_DIR --output=MODEL_DIR [--dtype=bfloat16]
+
+HF_DIR is a Hugging Face model folder: config.json, safetensors weights (single or sharded),
+and tokenizer.json or tokenizer.model. The output is written to a temporary folder beside
+MODEL_DIR and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from absl import flags
+
+from decoderjax import cli, hf, modeldir
+from decoderjax.tokenizer import HFTokenizer, SentencePieceTokenizer
+
+_FROM = flags.DEFINE_enum("from", "hf", ["hf"], "Source format.")
+_INPUT = flags.DEFINE_string("input", None, "Source checkpoint folder.")
+_OUTPUT = flags.DEFINE_string("output", None, "Model directory to write (must not exist).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+flags.mark_flags_as_required(["input", "output"])
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def hf_tokenizer(directory: str, hf_config: dict):
+  """The checkpoint's tokenizer with its EOS/BOS ids, from tokenizer.json or tokenizer.model."""
+  gen = _read_json(os.path.join(directory, "generation_config.json"))
+  eos = gen.get("eos_token_id", hf_config.get("eos_token_id"))
+  eos = eos[0] if isinstance(eos, list) else eos
+  bos = gen.get("bos_token_id", hf_config.get("bos_token_id"))
+  if os.path.exists(os.path.join(directory, "tokenizer.json")):
+    with open(os.path.join(directory, "tokenizer.json")) as f:
+      return HFTokenizer(f.read(), eos, bos)
+  if os.path.exists(os.path.join(directory, "tokenizer.model")):
+    return SentencePieceTokenizer.from_file(os.path.join(directory, "tokenizer.model"))
+  raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
+
+
+def generation_defaults(directory: str) -> dict:
+  """Sampling defaults and the chat template the checkpoint ships."""
+  gen = _read_json(os.path.join(directory, "generation_config.json"))
+  values = {k: gen[k] for k in ("temperature", "top_k", "top_p") if k in gen}
+  if gen.get("do_sample") is False:
+    values["temperature"] = 0.0
+  template = _read_json(os.path.join(directory, "tokenizer_config.json")).get("chat_template")
+  if template:
+    values["chat_template"] = template
+  return values
+
+
+def convert_hf(source: str, output: str, dtype: str = "float32") -> None:
+  config_path = os.path.join(source, "config.json")
+  hf_config = _read_json(config_path)
+  if not hf_config:
+    raise FileNotFoundError(f"{source}: no config.json")
+  cfg = hf.config_from_hf(hf_config, config_path).replace(param_dtype=dtype, dtype=dtype)
+  tokenizer = hf_tokenizer(source, hf_config)
+  reader = hf.SafetensorsReader(source)
+  np_dtype = jax.numpy.dtype(dtype)
+  params = hf.params_from_hf(reader, cfg, hf_config["model_type"], np_dtype)
+  expected = modeldir.abstract_params(cfg)
+  for (path, got), want in zip(
+    jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected), strict=True
+  ):
+    if got.shape != want.shape:
+      raise ValueError(
+        f"{source}: tensor for {jax.tree_util.keystr(path)} has shape {got.shape}, "
+        f"the config implies {want.shape}"
+      )
+  parent = os.path.dirname(os.path.abspath(output))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+  try:
+    modeldir.save_model_dir(
+      staging, cfg, jax.tree.map(np.asarray, params), tokenizer, generation_defaults(source)
+    )
+    os.replace(staging, output)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv):
+  del argv
+  if os.path.exists(_OUTPUT.value):
+    raise ValueError(f"--output={_OUTPUT.value} already exists")
+  convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
+  print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

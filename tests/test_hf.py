@@ -1,0 +1,120 @@
+"""Hugging Face checkpoints convert to the same logits as `transformers` computes (float32)."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from decoderjax import convert, modeldir  # noqa: E402
+from decoderjax.model import Decoder  # noqa: E402
+
+V = 256
+COMMON = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+MODELS = {
+  "gpt2": lambda: transformers.GPT2Config(
+    vocab_size=V,
+    n_positions=64,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    resid_pdrop=0,
+    embd_pdrop=0,
+    attn_pdrop=0,
+  ),  # fmt: skip
+  "llama3": lambda: transformers.LlamaConfig(
+    **COMMON,
+    num_key_value_heads=2,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+    rope_scaling={
+      "rope_type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16,
+    },
+  ),  # fmt: skip
+  "mistral": lambda: transformers.MistralConfig(
+    **COMMON, num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False
+  ),
+  "qwen2": lambda: transformers.Qwen2Config(
+    **COMMON, num_key_value_heads=1, tie_word_embeddings=True, rms_norm_eps=1e-6
+  ),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = trainers.BpeTrainer(vocab_size=V, special_tokens=["<|endoftext|>"])
+  tok.train_from_iterator(["to be or not to be, that is the question"] * 50, trainer)
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+  tok.save(str(path))
+  return path.read_text()
+
+
+def save_hf(name, directory, tokenizer_json):
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(MODELS[name](), attn_implementation="eager")
+  model.eval()
+  with torch.no_grad():  # random norms and biases, so a swapped tensor cannot hide
+    for p in model.parameters():
+      if p.ndim == 1:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(directory, safe_serialization=True)
+  (directory / "tokenizer.json").write_text(tokenizer_json)
+  return model
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_converted_logits_match_transformers(name, tmp_path, tokenizer_json):
+  model = save_hf(name, tmp_path / "hf", tokenizer_json)
+  convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  ours = modeldir.load_model_dir(str(tmp_path / "ours"))
+  tokens = np.random.default_rng(0).integers(0, V, (2, 24))
+  with torch.no_grad():
+    expected = model(torch.from_numpy(tokens)).logits.numpy()
+  got, _ = Decoder(ours.config).apply({"params": ours.params}, jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+  assert ours.tokenizer.kind == "hf" and ours.tokenizer.encode("to be") == model_tok(tokenizer_json)
+
+
+def model_tok(tokenizer_json):
+  from tokenizers import Tokenizer
+
+  return Tokenizer.from_str(tokenizer_json).encode("to be").ids
+
+
+def test_convert_cli_and_bad_input(tmp_path, tokenizer_json):
+  save_hf("llama3", tmp_path / "hf", tokenizer_json)
+  run = lambda *a: subprocess.run(
+    [sys.executable, "-m", "decoderjax.convert", *a], capture_output=True, text=True, timeout=300
+  )
+  ok = run("--from=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'm'}",
+           "--dtype=bfloat16")  # fmt: skip
+  assert ok.returncode == 0, ok.stderr
+  assert modeldir.read_config(str(tmp_path / "m")).param_dtype == "bfloat16"
+  again = run("--from=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'm'}")
+  assert again.returncode == 1 and "already exists" in again.stderr
+
+  (tmp_path / "hf" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+  bad = run("--from=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'n'}")
+  assert bad.returncode == 1 and "model.safetensors" in bad.stderr
+  assert "Traceback" not in bad.stderr
+  assert not os.path.exists(tmp_path / "n")  # nothing partial left behind
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")]
+
+  (tmp_path / "odd").mkdir()
+  (tmp_path / "odd" / "config.json").write_text('{"model_type": "bloom"}')
+  unknown = run("--from=hf", f"--input={tmp_path / 'odd'}", f"--output={tmp_path / 'o'}")
+  assert unknown.returncode == 1 and "unknown architecture model_type='bloom'" in unknown.stderr
