@@ -21,7 +21,8 @@ from absl import flags
 from decoderjax import cli, hf, modeldir
 from decoderjax.tokenizer import HFTokenizer, SentencePieceTokenizer
 
-_FROM = flags.DEFINE_enum("from", "hf", ["hf"], "Source format.")
+_FROM = flags.DEFINE_enum("from", None, ["hf"], "Source format (into a model directory).")
+_TO = flags.DEFINE_enum("to", None, ["hf"], "Target format (from a model directory).")
 _INPUT = flags.DEFINE_string("input", None, "Source checkpoint folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Model directory to write (must not exist).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
@@ -92,11 +93,54 @@ def convert_hf(source: str, output: str, dtype: str = "float32") -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def export_hf(source: str, output: str) -> None:
+  """A model directory -> a Hugging Face folder `transformers` loads (safetensors, float32)."""
+  from safetensors.numpy import save_file
+
+  model = modeldir.load_model_dir(source)
+  cfg, tok = model.config, model.tokenizer
+  config = hf.config_to_hf(cfg)
+  if tok.kind not in ("hf", "sentencepiece"):
+    raise ValueError(
+      f"{source}: a {tok.kind!r} tokenizer has no Hugging Face form (hf, sentencepiece)"
+    )
+  config.update(torch_dtype="float32", eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+  tensors = hf.params_to_hf(jax.tree.map(np.asarray, model.params), cfg, config["model_type"])
+  parent = os.path.dirname(os.path.abspath(output))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+  try:
+    save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(staging, "config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    gen = {"eos_token_id": tok.eos_id, "bos_token_id": tok.bos_id}
+    if model.generation.get("temperature", 0) > 0:
+      gen.update(do_sample=True, temperature=model.generation["temperature"])
+    with open(os.path.join(staging, "generation_config.json"), "w") as f:
+      json.dump(gen, f, indent=2)
+    if tok.kind == "hf":
+      with open(os.path.join(staging, "tokenizer.json"), "w") as f:
+        f.write(tok.json_text)
+    else:
+      tok._save_files(staging)
+    template = model.generation.get("chat_template")
+    with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
+      json.dump({"chat_template": template} if template else {}, f, indent=2)
+    os.replace(staging, output)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def main(argv):
   del argv
+  if (_FROM.value is None) == (_TO.value is None):
+    raise ValueError("give exactly one of --from=hf (into decoderjax) or --to=hf (out of it)")
   if os.path.exists(_OUTPUT.value):
     raise ValueError(f"--output={_OUTPUT.value} already exists")
-  convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
+  if _FROM.value:
+    convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
+  else:
+    export_hf(_INPUT.value, _OUTPUT.value)
   print(f"wrote {_OUTPUT.value}")
 
 

@@ -217,3 +217,115 @@ def _cast(tree, dtype):
   if isinstance(tree, dict):
     return {k: _cast(v, dtype) for k, v in tree.items()}
   return np.asarray(tree).astype(dtype)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+  """A Hugging Face config.json for our config (GPT-2 or Llama / Mistral / Qwen2 shapes)."""
+  gpt2_like = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
+  if gpt2_like and cfg.use_bias and cfg.tie_embeddings:
+    return {
+      "architectures": ["GPT2LMHeadModel"],
+      "model_type": "gpt2",
+      "vocab_size": cfg.vocab_size,
+      "n_positions": cfg.max_seq_len,
+      "n_embd": cfg.embed_dim,
+      "n_layer": cfg.num_layers,
+      "n_head": cfg.num_heads,
+      "n_inner": cfg.mlp_dim,
+      "activation_function": "gelu_new",
+      "layer_norm_epsilon": cfg.norm_eps,
+      "tie_word_embeddings": True,
+    }
+  llama_like = (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
+  unsupported = [f for f in ("norm_offset", "embed_scale", "use_bias") if getattr(cfg, f)]
+  unsupported += [f for f in ("attn_logit_softcap", "final_logit_softcap") if getattr(cfg, f)]
+  if not llama_like or unsupported:
+    raise ValueError(
+      f"no Hugging Face architecture for this config (position={cfg.position}, norm={cfg.norm}, "
+      f"mlp={cfg.mlp}, {unsupported or 'ok'})"
+    )
+  arch = "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+  names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+           "qwen2": "Qwen2ForCausalLM"}  # fmt: skip
+  out = {
+    "architectures": [names[arch]],
+    "model_type": arch,
+    "vocab_size": cfg.vocab_size,
+    "max_position_embeddings": cfg.max_seq_len,
+    "hidden_size": cfg.embed_dim,
+    "intermediate_size": cfg.mlp_dim,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.kv_heads,
+    "head_dim": cfg.head_size,
+    "hidden_act": "silu",
+    "rms_norm_eps": cfg.norm_eps,
+    "rope_theta": cfg.rope_theta,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "sliding_window": cfg.sliding_window,
+  }
+  if arch == "qwen2" and cfg.sliding_window:
+    out["use_sliding_window"] = True
+  if cfg.rope_scaling is not None:
+    s = cfg.rope_scaling
+    out["rope_scaling"] = {
+      "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+      "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings":
+      s.original_max_position,
+    }  # fmt: skip
+  return out
+
+
+def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
+  """Our parameter tree -> Hugging Face tensor names and layouts (float32 numpy)."""
+  p = {k: v for k, v in params.items() if not k.startswith("layers")}
+  if cfg.scan_layers:
+    layers = [
+      {g: {n: np.asarray(a[i]) for n, a in sub.items()} for g, sub in params["layers"].items()}
+      for i in range(cfg.num_layers)
+    ]
+  else:
+    layers = [params[f"layers_{i}"] for i in range(cfg.num_layers)]
+  f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
+  d = cfg.embed_dim
+  out = {}
+  if arch == "gpt2":
+    out["transformer.wte.weight"] = f32(p["embedding"])
+    out["transformer.wpe.weight"] = f32(p["position_embedding"])
+    out["transformer.ln_f.weight"] = f32(p["final_norm"]["scale"])
+    out["transformer.ln_f.bias"] = f32(p["final_norm"]["bias"])
+    for i, lp in enumerate(layers):
+      a, m, pre = lp["attn"], lp["mlp"], f"transformer.h.{i}."
+      out[pre + "ln_1.weight"] = f32(lp["attn_norm"]["scale"])
+      out[pre + "ln_1.bias"] = f32(lp["attn_norm"]["bias"])
+      out[pre + "attn.c_attn.weight"] = f32(
+        np.concatenate([np.asarray(a[n]).reshape(d, -1) for n in "qkv"], axis=1)
+      )
+      out[pre + "attn.c_attn.bias"] = f32(
+        np.concatenate([np.asarray(a[f"{n}_bias"]).reshape(-1) for n in "qkv"])
+      )
+      out[pre + "attn.c_proj.weight"] = f32(np.asarray(a["o"]).reshape(-1, d))
+      out[pre + "attn.c_proj.bias"] = f32(a["o_bias"])
+      out[pre + "ln_2.weight"] = f32(lp["mlp_norm"]["scale"])
+      out[pre + "ln_2.bias"] = f32(lp["mlp_norm"]["bias"])
+      out[pre + "mlp.c_fc.weight"] = f32(m["up"])
+      out[pre + "mlp.c_fc.bias"] = f32(m["up_bias"])
+      out[pre + "mlp.c_proj.weight"] = f32(m["down"])
+      out[pre + "mlp.c_proj.bias"] = f32(m["down_bias"])
+    return out
+  out["model.embed_tokens.weight"] = f32(p["embedding"])
+  out["model.norm.weight"] = f32(p["final_norm"]["scale"])
+  if not cfg.tie_embeddings:
+    out["lm_head.weight"] = f32(np.asarray(p["head"]).T)
+  for i, lp in enumerate(layers):
+    a, m, pre = lp["attn"], lp["mlp"], f"model.layers.{i}."
+    out[pre + "input_layernorm.weight"] = f32(lp["attn_norm"]["scale"])
+    out[pre + "post_attention_layernorm.weight"] = f32(lp["mlp_norm"]["scale"])
+    for n in "qkv":
+      out[pre + f"self_attn.{n}_proj.weight"] = f32(np.asarray(a[n]).reshape(d, -1).T)
+      if cfg.qkv_bias:
+        out[pre + f"self_attn.{n}_proj.bias"] = f32(np.asarray(a[f"{n}_bias"]).reshape(-1))
+    out[pre + "self_attn.o_proj.weight"] = f32(np.asarray(a["o"]).reshape(-1, d).T)
+    for n in ("gate", "up", "down"):
+      out[pre + f"mlp.{n}_proj.weight"] = f32(np.asarray(m[n]).T)
+  return out

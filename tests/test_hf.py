@@ -118,3 +118,21 @@ def test_convert_cli_and_bad_input(tmp_path, tokenizer_json):
   (tmp_path / "odd" / "config.json").write_text('{"model_type": "bloom"}')
   unknown = run("--from=hf", f"--input={tmp_path / 'odd'}", f"--output={tmp_path / 'o'}")
   assert unknown.returncode == 1 and "unknown architecture model_type='bloom'" in unknown.stderr
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_round_trip_back_to_transformers(name, tmp_path, tokenizer_json):
+  model = save_hf(name, tmp_path / "hf", tokenizer_json)
+  convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  convert.export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
+  again = transformers.AutoModelForCausalLM.from_pretrained(
+    tmp_path / "back", attn_implementation="eager"
+  )
+  tokens = torch.from_numpy(np.random.default_rng(1).integers(0, V, (2, 20)))
+  with torch.no_grad():
+    np.testing.assert_allclose(again(tokens).logits.numpy(), model(tokens).logits.numpy(),
+                               atol=1e-5)  # fmt: skip
+  convert.convert_hf(str(tmp_path / "back"), str(tmp_path / "ours2"))
+  assert modeldir.read_config(str(tmp_path / "ours2")) == modeldir.read_config(
+    str(tmp_path / "ours")
+  )
