@@ -1,6 +1,8 @@
 """Converts checkpoints into decoderjax model directories.
 
   python -m decoderjax.convert --from=hf --input=HF_DIR --output=MODEL_DIR [--dtype=bfloat16]
+  python -m decoderjax.convert --from=gguf --input=FILE.gguf --output=MODEL_DIR
+  python -m decoderjax.convert --to=hf --input=MODEL_DIR --output=HF_DIR
 
 HF_DIR is a Hugging Face model folder: config.json, safetensors weights (single or sharded),
 and tokenizer.json or tokenizer.model. The output is written to a temporary folder beside
@@ -18,10 +20,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from decoderjax import cli, hf, modeldir
+from decoderjax import cli, ggufio, hf, modeldir
 from decoderjax.tokenizer import HFTokenizer, SentencePieceTokenizer
 
-_FROM = flags.DEFINE_enum("from", None, ["hf"], "Source format (into a model directory).")
+_FROM = flags.DEFINE_enum("from", None, ["hf", "gguf"], "Source format (into a model directory).")
 _TO = flags.DEFINE_enum("to", None, ["hf"], "Target format (from a model directory).")
 _INPUT = flags.DEFINE_string("input", None, "Source checkpoint folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Model directory to write (must not exist).")
@@ -70,8 +72,19 @@ def convert_hf(source: str, output: str, dtype: str = "float32") -> None:
   cfg = hf.config_from_hf(hf_config, config_path).replace(param_dtype=dtype, dtype=dtype)
   tokenizer = hf_tokenizer(source, hf_config)
   reader = hf.SafetensorsReader(source)
-  np_dtype = jax.numpy.dtype(dtype)
-  params = hf.params_from_hf(reader, cfg, hf_config["model_type"], np_dtype)
+  params = hf.params_from_hf(reader, cfg, hf_config["model_type"], jax.numpy.dtype(dtype))
+  write_model_dir(source, output, cfg, params, tokenizer, generation_defaults(source))
+
+
+def convert_gguf(source: str, output: str, dtype: str = "float32") -> None:
+  cfg, params, tokenizer, generation = ggufio.read_gguf(source)
+  cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+  params = jax.tree.map(lambda x: x.astype(jax.numpy.dtype(dtype)), params)
+  write_model_dir(source, output, cfg, params, tokenizer, generation)
+
+
+def write_model_dir(source, output, cfg, params, tokenizer, generation) -> None:
+  """Checks shapes against the config, then writes via a temporary folder and a rename."""
   expected = modeldir.abstract_params(cfg)
   for (path, got), want in zip(
     jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected), strict=True
@@ -85,9 +98,7 @@ def convert_hf(source: str, output: str, dtype: str = "float32") -> None:
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
   try:
-    modeldir.save_model_dir(
-      staging, cfg, jax.tree.map(np.asarray, params), tokenizer, generation_defaults(source)
-    )
+    modeldir.save_model_dir(staging, cfg, jax.tree.map(np.asarray, params), tokenizer, generation)
     os.replace(staging, output)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
@@ -137,8 +148,10 @@ def main(argv):
     raise ValueError("give exactly one of --from=hf (into decoderjax) or --to=hf (out of it)")
   if os.path.exists(_OUTPUT.value):
     raise ValueError(f"--output={_OUTPUT.value} already exists")
-  if _FROM.value:
+  if _FROM.value == "hf":
     convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
+  elif _FROM.value == "gguf":
+    convert_gguf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
   else:
     export_hf(_INPUT.value, _OUTPUT.value)
   print(f"wrote {_OUTPUT.value}")

@@ -1,0 +1,156 @@
+"""llama.cpp GGUF files -> decoderjax: metadata, dequantized tensors, and the tokenizer.
+
+Reads the `llama` architecture (Llama, Mistral, SmolLM, ... as llama.cpp writes them) with the
+`gguf` package, dequantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 and the K-quants, undoes
+llama.cpp's row permutation of the Q and K projections, and rebuilds the byte-level BPE
+tokenizer and chat template from the metadata.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from decoderjax.config import ModelConfig
+from decoderjax.tokenizer import HFTokenizer
+
+SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+             "Q4_K", "Q5_K", "Q6_K")  # fmt: skip
+
+# GGUF tensor names -> Hugging Face Llama names (then mapped by hf.params_from_hf).
+_GLOBAL = {
+  "token_embd.weight": "model.embed_tokens.weight",
+  "output_norm.weight": "model.norm.weight",
+  "output.weight": "lm_head.weight",
+}
+_LAYER = {
+  "attn_norm.weight": "input_layernorm.weight",
+  "ffn_norm.weight": "post_attention_layernorm.weight",
+  "attn_q.weight": "self_attn.q_proj.weight",
+  "attn_k.weight": "self_attn.k_proj.weight",
+  "attn_v.weight": "self_attn.v_proj.weight",
+  "attn_output.weight": "self_attn.o_proj.weight",
+  "ffn_gate.weight": "mlp.gate_proj.weight",
+  "ffn_up.weight": "mlp.up_proj.weight",
+  "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def _open(path: str):
+  import gguf
+
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # the reader raises assorted errors on truncated or foreign files
+    raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+class GGUFTensors:
+  """Hugging Face-named, dequantized float32 tensors of a GGUF file (read lazily)."""
+
+  def __init__(self, reader, path: str, num_heads: int, num_kv_heads: int):
+    self.path, self.by_hf = path, {}
+    self.heads = {"self_attn.q_proj.weight": num_heads, "self_attn.k_proj.weight": num_kv_heads}
+    for t in reader.tensors:
+      name = t.name
+      if name in _GLOBAL:
+        self.by_hf[_GLOBAL[name]] = t
+      elif name.startswith("blk.") and name.split(".", 2)[2] in _LAYER:
+        _, i, rest = name.split(".", 2)
+        self.by_hf[f"model.layers.{i}.{_LAYER[rest]}"] = t
+      elif name != "rope_freqs.weight":
+        raise ValueError(f"{path}: unexpected tensor {name!r}")
+
+  def keys(self) -> set[str]:
+    return set(self.by_hf)
+
+  def get(self, hf_name: str) -> np.ndarray:
+    import gguf
+
+    if hf_name not in self.by_hf:
+      raise ValueError(f"{self.path}: tensor for {hf_name!r} is missing")
+    t = self.by_hf[hf_name]
+    kind = t.tensor_type.name
+    if kind not in SUPPORTED:
+      raise ValueError(f"{self.path}: tensor {t.name!r} has unsupported type {kind}")
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dim first
+    try:
+      x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+    except Exception as e:
+      raise ValueError(f"{self.path}: cannot dequantize {t.name!r} ({kind}): {e}") from None
+    suffix = hf_name.split(".", 3)[-1]
+    if suffix in self.heads:  # llama.cpp interleaves the two RoPE halves of each head's rows
+      n = self.heads[suffix]
+      x = x.reshape(n, x.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(shape)
+    return x
+
+
+def _meta(reader, key, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def config_from_gguf(reader, path: str) -> ModelConfig:
+  arch = _meta(reader, "general.architecture")
+  if arch != "llama":
+    raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
+  if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    raise ValueError(f"{path}: RoPE frequency factors (rope_freqs.weight) are not supported yet")
+  heads = int(_meta(reader, "llama.attention.head_count"))
+  width = int(_meta(reader, "llama.embedding_length"))
+  head_dim = int(_meta(reader, "llama.attention.key_length", width // heads))
+  tokens = _meta(reader, "tokenizer.ggml.tokens", [])
+  return ModelConfig(
+    vocab_size=int(_meta(reader, "llama.vocab_size", len(tokens))),
+    max_seq_len=int(_meta(reader, "llama.context_length", 4096)),
+    num_layers=int(_meta(reader, "llama.block_count")),
+    num_heads=heads,
+    num_kv_heads=int(_meta(reader, "llama.attention.head_count_kv", heads)),
+    head_dim=None if head_dim * heads == width else head_dim,
+    embed_dim=width,
+    mlp_dim=int(_meta(reader, "llama.feed_forward_length")),
+    position="rope",
+    rope_theta=float(_meta(reader, "llama.rope.freq_base", 10_000.0)),
+    norm="rmsnorm",
+    norm_eps=float(_meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+    mlp="swiglu",
+    tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+  )
+
+
+def tokenizer_from_gguf(reader, path: str) -> HFTokenizer:
+  """Rebuilds a byte-level BPE tokenizer (`tokenizer.ggml.model == gpt2`) as tokenizer.json."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+  kind = _meta(reader, "tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (gpt2 BPE)")
+  tokens = list(_meta(reader, "tokenizer.ggml.tokens"))
+  merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges", [])]
+  types = list(_meta(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+  tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  control = [
+    AddedToken(t, special=True) for t, kind in zip(tokens, types, strict=True) if kind == 3
+  ]
+  tok.add_special_tokens(control)
+  eos = _meta(reader, "tokenizer.ggml.eos_token_id")
+  bos = _meta(reader, "tokenizer.ggml.bos_token_id")
+  return HFTokenizer(
+    tok.to_str(), None if eos is None else int(eos), None if bos is None else int(bos)
+  )
+
+
+def read_gguf(path: str, scan_layers: bool = True):
+  """(ModelConfig, parameters, tokenizer, generation defaults) of a GGUF file."""
+  from decoderjax import hf
+
+  reader = _open(path)
+  cfg = config_from_gguf(reader, path).replace(scan_layers=scan_layers)
+  tensors = GGUFTensors(reader, path, cfg.num_heads, cfg.kv_heads)
+  params = hf.params_from_hf(tensors, cfg, "llama")
+  generation = {}
+  template = _meta(reader, "tokenizer.chat_template")
+  if template:
+    generation["chat_template"] = template
+  return cfg, params, tokenizer_from_gguf(reader, path), generation
