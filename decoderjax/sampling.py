@@ -35,12 +35,25 @@ def sample_logits(logits_BV: Array, rng: Array, temperature, top_k: int, top_p) 
   return jnp.where(temperature > 0, sampled_B, greedy_B)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
+def prefill(params, cfg: ModelConfig, prompt_BT: Array, prompt_mask_BT: Array, cache_len: int):
+  """Left-padded prompts into a fresh cache -> (last logits [B, V], cache, last positions [B])."""
+  b = prompt_BT.shape[0]
+  cache = init_cache(cfg, b, cache_len)
+  positions_BT = jnp.maximum(jnp.cumsum(prompt_mask_BT, axis=1) - 1, 0)
+  logits_BTV, cache = Decoder(cfg).apply(
+    {"params": params}, prompt_BT, positions_BT, prompt_mask_BT.astype(jnp.int32), cache=cache
+  )
+  return logits_BTV[:, -1], cache, positions_BT[:, -1]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
-def generate_tokens(
+def decode(
   params,
   cfg: ModelConfig,
-  prompt_BT: Array,
-  prompt_mask_BT: Array,
+  cache,
+  logits_BV: Array,
+  last_pos_B: Array,
   rng: Array,
   max_new_tokens: int,
   temperature=1.0,
@@ -48,18 +61,12 @@ def generate_tokens(
   top_p=1.0,
   eos_id=-1,
 ) -> tuple[Array, Array]:
-  """Left-padded prompts -> (new tokens [B, max_new_tokens], number generated per row).
+  """Samples up to `max_new_tokens` per row in a while_loop -> (tokens [B, N], lengths [B]).
 
   Rows stop independently at `eos_id` (kept in the output); later slots hold `eos_id`.
   """
   model = Decoder(cfg)
-  b, t = prompt_BT.shape
-  cache = init_cache(cfg, b, t + max_new_tokens)
-  positions_BT = jnp.maximum(jnp.cumsum(prompt_mask_BT, axis=1) - 1, 0)
-  logits_BTV, cache = model.apply(
-    {"params": params}, prompt_BT, positions_BT, prompt_mask_BT.astype(jnp.int32), cache=cache
-  )
-  last_pos_B = positions_BT[:, -1]
+  b = logits_BV.shape[0]
 
   def step(state):
     i, cache, logits_BV, rng, out_BN, done_B = state
@@ -83,12 +90,33 @@ def generate_tokens(
 
   out_BN = jnp.full((b, max_new_tokens), eos_id, jnp.int32)
   done_B = jnp.zeros((b,), bool)
-  state = (0, cache, logits_BTV[:, -1], rng, out_BN, done_B)
+  state = (0, cache, logits_BV, rng, out_BN, done_B)
   _, _, _, _, out_BN, _ = jax.lax.while_loop(keep_going, step, state)
   stopped = jnp.cumsum(out_BN == eos_id, axis=1) > 0
   first_eos = jnp.argmax(stopped, axis=1) + 1
   lengths_B = jnp.where(jnp.any(stopped, axis=1), first_eos, max_new_tokens)
   return out_BN, lengths_B
+
+
+def generate_tokens(
+  params,
+  cfg: ModelConfig,
+  prompt_BT,
+  prompt_mask_BT,
+  rng,
+  max_new_tokens: int,
+  temperature=1.0,
+  top_k: int = 0,
+  top_p=1.0,
+  eos_id=-1,
+):
+  """Prefill then decode: left-padded prompts -> (new tokens [B, N], lengths [B])."""
+  cache_len = prompt_BT.shape[1] + max_new_tokens
+  logits_BV, cache, last_pos_B = prefill(params, cfg, prompt_BT, prompt_mask_BT, cache_len)
+  return decode(
+    params, cfg, cache, logits_BV, last_pos_B, rng, max_new_tokens, temperature, top_k, top_p,
+    eos_id,
+  )  # fmt: skip
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -169,10 +169,10 @@ def test_real_smollm2_gguf_answers(tmp_path_factory):
   out = where / "model"
   convert.convert_gguf(path, str(out))
   assert modeldir.read_config(str(out)).num_layers == 30
-  prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
   result = subprocess.run(
-    [sys.executable, "-m", "decoderjax.generate", f"--checkpoint={out}", f"--prompt={prompt}",
-     "--temperature=0", "--max_new_tokens=12", f"--output_json={where / 'g.json'}"],
+    [sys.executable, "-m", "decoderjax.generate", f"--checkpoint={out}", "--chat",
+     "--prompt=What is the capital of France?", "--temperature=0", "--max_new_tokens=12",
+     f"--output_json={where / 'g.json'}"],
     capture_output=True, text=True, timeout=600,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr[-2000:]

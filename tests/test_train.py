@@ -199,6 +199,22 @@ def test_model_directory_round_trip_and_generate_cli(tmp_path):
     seq.append(token)
   assert len(record["tokens"]) == 8
 
+  # Raw token ids give the same continuation; --ignore_eos always runs to max_new_tokens.
+  raw = subprocess.run(
+    [sys.executable, "-m", "decoderjax.generate", f"--checkpoint={tmp_path / 'm'}",
+     "--prompt_tokens=72,101,108,108,111", "--max_new_tokens=8", "--ignore_eos",
+     f"--output_json={out}"],
+    capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert raw.returncode == 0, raw.stderr
+  assert json.loads(out.read_text())[0]["tokens"][:8] == record["tokens"]
+  assert "prefill 5 tokens" in raw.stdout and "compile" in raw.stdout
+  bad = subprocess.run(
+    [sys.executable, "-m", "decoderjax.generate", f"--checkpoint={tmp_path / 'm'}",
+     "--prompt=x", "--chat"], capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert bad.returncode == 1 and "has no chat template" in bad.stderr
+
 
 def test_experiment_rejects_unknown_sections_and_keys():
   config = ml_collections.ConfigDict({"model": experiment.model_section("tiny-gpt2"), "oops": {}})
