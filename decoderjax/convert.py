@@ -11,6 +11,7 @@ MODEL_DIR and renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,6 +84,19 @@ def convert_gguf(source: str, output: str, dtype: str = "float32") -> None:
   write_model_dir(source, output, cfg, params, tokenizer, generation)
 
 
+@contextlib.contextmanager
+def _staged(output: str):
+  """A temporary folder beside `output`, renamed to it only if the block completes."""
+  parent = os.path.dirname(os.path.abspath(output))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+  try:
+    yield staging
+    os.replace(staging, output)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_model_dir(source, output, cfg, params, tokenizer, generation) -> None:
   """Checks shapes against the config, then writes via a temporary folder and a rename."""
   expected = modeldir.abstract_params(cfg)
@@ -94,14 +108,8 @@ def write_model_dir(source, output, cfg, params, tokenizer, generation) -> None:
         f"{source}: tensor for {jax.tree_util.keystr(path)} has shape {got.shape}, "
         f"the config implies {want.shape}"
       )
-  parent = os.path.dirname(os.path.abspath(output))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-  try:
+  with _staged(output) as staging:
     modeldir.save_model_dir(staging, cfg, jax.tree.map(np.asarray, params), tokenizer, generation)
-    os.replace(staging, output)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_hf(source: str, output: str) -> None:
@@ -117,10 +125,7 @@ def export_hf(source: str, output: str) -> None:
     )
   config.update(torch_dtype="float32", eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
   tensors = hf.params_to_hf(jax.tree.map(np.asarray, model.params), cfg, config["model_type"])
-  parent = os.path.dirname(os.path.abspath(output))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-  try:
+  with _staged(output) as staging:
     save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
@@ -129,17 +134,10 @@ def export_hf(source: str, output: str) -> None:
       gen.update(do_sample=True, temperature=model.generation["temperature"])
     with open(os.path.join(staging, "generation_config.json"), "w") as f:
       json.dump(gen, f, indent=2)
-    if tok.kind == "hf":
-      with open(os.path.join(staging, "tokenizer.json"), "w") as f:
-        f.write(tok.json_text)
-    else:
-      tok._save_files(staging)
+    tok._save_files(staging)  # tokenizer.json or tokenizer.model, the names HF uses too
     template = model.generation.get("chat_template")
     with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
       json.dump({"chat_template": template} if template else {}, f, indent=2)
-    os.replace(staging, output)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv):

@@ -67,16 +67,11 @@ def abstract_params(cfg: ModelConfig, mesh=None, rules=sharding_lib.DEFAULT_RULE
   """Shapes and dtypes of the parameters (no memory), placed on one device or over `mesh`."""
   init = lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
   boxed = jax.eval_shape(init)
+  if mesh is not None:
+    return sharding_lib.abstract_sharded(boxed, mesh, rules)[1]
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shapes = sharding_lib.strip_boxes(boxed)
-  if mesh is None:
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: one, shapes)
-  else:
-    shardings = sharding_lib.logical_shardings(mesh, rules, boxed)
-    sharding_lib.check_divisible(shapes, shardings)
-  return jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-  )
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), shapes)
 
 
 def save_params(directory: str, params) -> None:

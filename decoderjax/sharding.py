@@ -127,6 +127,17 @@ def strip_boxes(tree):
   return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
+def abstract_sharded(boxed_shapes, mesh: Mesh, rules):
+  """(shardings, ShapeDtypeStructs carrying them) for eval_shape output with logical boxes."""
+  shardings = logical_shardings(mesh, rules, boxed_shapes)
+  shapes = strip_boxes(boxed_shapes)
+  check_divisible(shapes, shardings)
+  abstract = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
+  return shardings, abstract
+
+
 def check_divisible(abstract_tree, shardings) -> None:
   """Every sharded dimension must split evenly: name the array, dimension and mesh axis."""
   flat, _ = jax.tree_util.tree_flatten_with_path(abstract_tree)

@@ -55,20 +55,20 @@ def state_shardings(exp: Experiment, optimizer, mesh):
     )
 
   boxed = jax.eval_shape(boxed_init, jax.random.key(exp.train.seed))
-  shardings = sharding_lib.logical_shardings(mesh, exp.mesh.rules, boxed)
-  shapes = sharding_lib.strip_boxes(boxed)
-  sharding_lib.check_divisible(shapes, shardings)
-  abstract = jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-  )
+  shardings, abstract = sharding_lib.abstract_sharded(boxed, mesh, exp.mesh.rules)
   return boxed_init, shardings, abstract
 
 
-def init_state(exp: Experiment, optimizer, mesh) -> TrainState:
-  """The initial train state, created directly sharded (never whole on one device)."""
-  boxed_init, shardings, _ = state_shardings(exp, optimizer, mesh)
+def _initialize(boxed_init, shardings, seed: int) -> TrainState:
+  """Runs the initializer with its outputs placed by `shardings` (never whole on one device)."""
   init = jax.jit(lambda rng: nn.unbox(boxed_init(rng)), out_shardings=shardings)
-  return init(jax.random.key(exp.train.seed))
+  return init(jax.random.key(seed))
+
+
+def init_state(exp: Experiment, optimizer, mesh) -> TrainState:
+  """The initial train state, created directly sharded."""
+  boxed_init, shardings, _ = state_shardings(exp, optimizer, mesh)
+  return _initialize(boxed_init, shardings, exp.train.seed)
 
 
 def evaluate(eval_fn, params, tokens, exp: Experiment, eos_id, mesh) -> dict:
@@ -150,7 +150,7 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
   tokenizer, eos_id = dataset.tokenizer, dataset.tokenizer.eos_id
   optimizer = make_optimizer(exp.optimizer, exp.train.steps)
   schedule = make_schedule(exp.optimizer, exp.train.steps)
-  _, shardings, abstract = state_shardings(exp, optimizer, mesh)
+  boxed_init, shardings, abstract = state_shardings(exp, optimizer, mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   step_fn = jax.jit(
     functools.partial(
@@ -171,7 +171,7 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
 
   mngr = modeldir.checkpoint_manager(workdir, exp.checkpoint.keep, exp.checkpoint.keep_best)
   if mngr.latest_step() is None:
-    state = init_state(exp, optimizer, mesh)
+    state = _initialize(boxed_init, shardings, exp.train.seed)
   else:  # restored straight into the target shardings: no initialization, any earlier mesh
     restored = mngr.restore(
       mngr.latest_step(),
