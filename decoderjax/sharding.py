@@ -15,7 +15,7 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
@@ -174,6 +174,12 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
   """This process's rows -> global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def sync_hosts(name: str) -> None:
+  """A barrier across processes (a no-op on one host): orders file writes between hosts."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id=-1):

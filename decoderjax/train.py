@@ -10,7 +10,6 @@ import os
 
 import jax
 from absl import flags
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from decoderjax import cli, data, experiment, sharding, trainer
@@ -35,7 +34,7 @@ def main(argv):
   exp = experiment.experiment_from_config(_CONFIG.value, dataset.tokenizer.vocab_size)
   final = trainer.train(exp, workdir, dataset)
   if jax.process_count() > 1:  # leave together: no process exits while another still talks
-    multihost_utils.sync_global_devices("decoderjax.train done")
+    sharding.sync_hosts("decoderjax.train done")
     jax.distributed.shutdown()
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()))
 

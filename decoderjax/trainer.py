@@ -145,8 +145,11 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
       f"train.batch_size={exp.train.batch_size} is not divisible by "
       f"loss.grad_accum_steps={exp.loss.grad_accum_steps}"
     )
+  # Every host has read the workdir's config (check_workdir) before host 0 rewrites it.
+  sharding_lib.sync_hosts("decoderjax.check_workdir")
   if jax.process_index() == 0:
     modeldir.write_metadata(workdir, exp.model, dataset.tokenizer)
+  sharding_lib.sync_hosts("decoderjax.write_metadata")
   tokenizer, eos_id = dataset.tokenizer, dataset.tokenizer.eos_id
   optimizer = make_optimizer(exp.optimizer, exp.train.steps)
   schedule = make_schedule(exp.optimizer, exp.train.steps)
