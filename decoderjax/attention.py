@@ -122,6 +122,32 @@ def xla_attention(
   return out_BTKGH.reshape(b, t, n, h)
 
 
+def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> Array:
+  """Attention over the cache's earlier slots and the new tokens, without copying the cache.
+
+  One softmax over both key sets: the logits are joined, the values applied per set.
+  """
+  b, t, n, h = q_BTNH.shape
+  (k_BSKH, v_BSKH), (k_BTKH, v_BTKH), (mask_BTS, mask_BTT) = old_kv, new_kv, masks
+  k = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * (h**-0.5)
+  big_neg = jnp.finfo(jnp.float32).min
+
+  def scores(keys_BSKH, mask_BTS):
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, keys_BSKH, preferred_element_type=jnp.float32)
+    if cfg.attn_logit_softcap is not None:
+      logits = cfg.attn_logit_softcap * jnp.tanh(logits / cfg.attn_logit_softcap)
+    return jnp.where(mask_BTS[:, None, None], logits, big_neg)
+
+  s = k_BSKH.shape[1]
+  logits_BKGTX = jnp.concatenate([scores(k_BSKH, mask_BTS), scores(k_BTKH, mask_BTT)], axis=-1)
+  probs_BKGTX = jax.nn.softmax(logits_BKGTX, axis=-1)
+  out_BTKGH = jnp.einsum(
+    "BKGTS,BSKH->BTKGH", probs_BKGTX[..., :s].astype(v_BSKH.dtype), v_BSKH
+  ) + jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTX[..., s:].astype(v_BTKH.dtype), v_BTKH)
+  return out_BTKGH.reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -162,18 +188,17 @@ class Attention(nn.Module):
       k_BTKH = apply_rope(k_BTKH, positions_BT, cfg)
     q_BTNH = constrain(q_BTNH, ("activation_batch", "activation_length", "activation_heads", None))
 
-    if kv is None:
-      k_BSKH, v_BSKH, new_kv = k_BTKH, v_BTKH, None
-    else:  # write this chunk into the preallocated cache, then attend over the whole cache
-      start = (0, cache_index, 0, 0)
-      k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), start)
-      v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), start)
-      new_kv = (k_BSKH, v_BSKH)
-      k_BSKH, v_BSKH = k_BSKH.astype(dtype), v_BSKH.astype(dtype)
+    new_kv = None
+    if kv is not None:  # the caller writes the new entries into the cache, in place
+      new_kv = (k_BTKH.astype(kv[0].dtype), v_BTKH.astype(kv[1].dtype))
+    k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
     dropout_active = cfg.attn_dropout > 0 and not self.deterministic
     impl = resolve_impl(cfg, dropout_active, x_BTD.shape[1], kv is not None)
-    if impl == "splash":
+    if kv is not None:  # mask_BTS is (earlier cache slots [B, T, S], new tokens [B, T, T])
+      old_BSKH = tuple(z.astype(dtype) for z in kv)
+      out_BTNH = cached_attention(q_BTNH, old_BSKH, (k_BTKH, v_BTKH), mask_BTS, cfg)
+    elif impl == "splash":
       out_BTNH = splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg)
     elif impl == "xla":
       dropout = None

@@ -56,7 +56,11 @@ def hf_tokenizer(directory: str, hf_config: dict):
 def generation_defaults(directory: str) -> dict:
   """Sampling defaults and the chat template the checkpoint ships."""
   gen = _read_json(os.path.join(directory, "generation_config.json"))
-  values = {k: gen[k] for k in ("temperature", "top_k", "top_p") if k in gen}
+  keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+  values = {k: gen[k] for k in keys if gen.get(k) is not None}
+  eos = gen.get("eos_token_id")
+  if isinstance(eos, list) and len(eos) > 1:  # e.g. Llama 3: end of text and end of turn
+    values["stop_ids"] = [int(e) for e in eos]
   if gen.get("do_sample") is False:
     values["temperature"] = 0.0
   template = _read_json(os.path.join(directory, "tokenizer_config.json")).get("chat_template")

@@ -144,23 +144,16 @@ class Decoder(nn.Module):
         q_slot_T,
         cfg.sliding_window,
       )
-    else:
+    else:  # attend to the cache's earlier slots and to the new tokens; write those after
       index = cache.index
-      segment = jax.lax.dynamic_update_slice(
-        cache.segment, segment_ids_BT.astype(jnp.int32), (0, index)
+      segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+      positions_BT = positions_BT.astype(jnp.int32)
+      args = (segment_ids_BT, positions_BT, index + q_slot_T)
+      old_BTS = attention_mask(
+        *args, cache.segment, cache.position, jnp.arange(cache.length), cfg.sliding_window
       )
-      position = jax.lax.dynamic_update_slice(
-        cache.position, positions_BT.astype(jnp.int32), (0, index)
-      )
-      mask_BTS = attention_mask(
-        segment_ids_BT,
-        positions_BT,
-        index + q_slot_T,
-        segment,
-        position,
-        jnp.arange(cache.length),
-        cfg.sliding_window,
-      )
+      new_BTT = attention_mask(*args, *args, cfg.sliding_window)
+      mask_BTS = (old_BTS, new_BTT)
       kv = (cache.k, cache.v)
 
     block = Block
@@ -191,7 +184,16 @@ class Decoder(nn.Module):
     x_BTD = Norm(cfg, name="final_norm")(x_BTD)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(new_kv[0], new_kv[1], segment, position, index + t)
+      write = lambda full, new: jax.lax.dynamic_update_slice(
+        full, new, (0, index) + (0,) * (full.ndim - 2)
+      )
+      new_cache = KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, new_kv[0], (0, 0, index, 0, 0)),
+        v=jax.lax.dynamic_update_slice(cache.v, new_kv[1], (0, 0, index, 0, 0)),
+        segment=write(cache.segment, segment_ids_BT),
+        position=write(cache.position, positions_BT),
+        index=index + t,
+      )
     if return_hidden:
       return x_BTD, new_cache
     if cfg.tie_embeddings:

@@ -1,130 +1,379 @@
-"""Autoregressive sampling over the KV cache: one routine for training samples and `generate`."""
+"""Autoregressive generation over the KV cache: one routine for training samples and `generate`.
+
+`prefill` runs the (left-padded, length-bucketed) prompts into a fresh cache; `decode` samples
+inside a `lax.while_loop` up to a step limit, so the host can stream tokens chunk by chunk and
+stop rows on stop strings without recompiling; `beam_search` follows transformers' beam search.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from decoderjax.config import ModelConfig
-from decoderjax.model import Decoder, init_cache
+from decoderjax.model import Decoder, KVCache, init_cache
 
 Array = jax.Array
+NEG_INF = -1.0e9  # transformers' "impossible" score, kept for identical beam bookkeeping
 
 
-def sample_logits(logits_BV: Array, rng: Array, temperature, top_k: int, top_p) -> Array:
-  """Greedy when temperature == 0, else sampling restricted to the top-k / top-p set."""
-  logits_BV = logits_BV.astype(jnp.float32)
-  greedy_B = jnp.argmax(logits_BV, axis=-1)
-  scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-  big_neg = jnp.finfo(jnp.float32).min
-  if top_k:
-    kth_B1 = jax.lax.top_k(scaled_BV, top_k)[0][:, -1:]
-    scaled_BV = jnp.where(scaled_BV < kth_B1, big_neg, scaled_BV)
-  # top-p: keep the smallest set of most likely tokens whose probability reaches top_p.
-  sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
-  cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-  cutoff_index_B1 = jnp.sum(cum_BV < top_p, axis=-1, keepdims=True)
-  cutoff_B1 = jnp.take_along_axis(
-    sorted_BV, jnp.minimum(cutoff_index_B1, sorted_BV.shape[-1] - 1), -1
-  )
-  scaled_BV = jnp.where(scaled_BV < cutoff_B1, big_neg, scaled_BV)
-  sampled_B = jax.random.categorical(rng, scaled_BV, axis=-1)
-  return jnp.where(temperature > 0, sampled_B, greedy_B)
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How the next token is chosen (static: a change recompiles the decode loop).
 
-
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len"))
-def prefill(params, cfg: ModelConfig, prompt_BT: Array, prompt_mask_BT: Array, cache_len: int):
-  """Left-padded prompts into a fresh cache -> (last logits [B, V], cache, last positions [B])."""
-  b = prompt_BT.shape[0]
-  cache = init_cache(cfg, b, cache_len)
-  positions_BT = jnp.maximum(jnp.cumsum(prompt_mask_BT, axis=1) - 1, 0)
-  logits_BTV, cache = Decoder(cfg).apply(
-    {"params": params}, prompt_BT, positions_BT, prompt_mask_BT.astype(jnp.int32), cache=cache
-  )
-  return logits_BTV[:, -1], cache, positions_BT[:, -1]
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k"))
-def decode(
-  params,
-  cfg: ModelConfig,
-  cache,
-  logits_BV: Array,
-  last_pos_B: Array,
-  rng: Array,
-  max_new_tokens: int,
-  temperature=1.0,
-  top_k: int = 0,
-  top_p=1.0,
-  eos_id=-1,
-) -> tuple[Array, Array]:
-  """Samples up to `max_new_tokens` per row in a while_loop -> (tokens [B, N], lengths [B]).
-
-  Rows stop independently at `eos_id` (kept in the output); later slots hold `eos_id`.
+  Order, as in transformers: repetition/frequency/presence penalties on the raw logits, then
+  temperature, top-k, top-p and min-p. `temperature=0` is greedy (the penalties still apply).
   """
-  model = Decoder(cfg)
-  b = logits_BV.shape[0]
 
-  def step(state):
-    i, cache, logits_BV, rng, out_BN, done_B = state
-    rng, key = jax.random.split(rng)
-    token_B = sample_logits(logits_BV, key, temperature, top_k, top_p)
-    token_B = jnp.where(done_B, eos_id, token_B)
-    out_BN = out_BN.at[:, i].set(token_B)
-    done_B |= token_B == eos_id
-    logits_B1V, cache = model.apply(
-      {"params": params},
-      token_B[:, None],
-      (last_pos_B + i + 1)[:, None],
-      jnp.ones((b, 1), jnp.int32),
-      cache=cache,
-    )
-    return i + 1, cache, logits_B1V[:, 0], rng, out_BN, done_B
+  temperature: float = 1.0
+  top_k: int = 0  # 0: no limit
+  top_p: float = 1.0  # nucleus mass; 1: no limit
+  min_p: float = 0.0  # drop tokens below min_p x the top probability
+  repetition_penalty: float = 1.0  # >1 discourages tokens of the prompt and the output so far
+  frequency_penalty: float = 0.0  # subtracted per earlier occurrence in the output
+  presence_penalty: float = 0.0  # subtracted once for any token already in the output
 
-  def keep_going(state):
-    i, done_B = state[0], state[-1]
-    return (i < max_new_tokens) & ~jnp.all(done_B)
+  def __post_init__(self):
+    for name, ok, rule in (
+      ("temperature", self.temperature >= 0, ">= 0"),
+      ("top_k", self.top_k >= 0, ">= 0"),
+      ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+      ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+      ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+    ):
+      if not ok:
+        raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
 
-  out_BN = jnp.full((b, max_new_tokens), eos_id, jnp.int32)
-  done_B = jnp.zeros((b,), bool)
-  state = (0, cache, logits_BV, rng, out_BN, done_B)
-  _, _, _, _, out_BN, _ = jax.lax.while_loop(keep_going, step, state)
-  stopped = jnp.cumsum(out_BN == eos_id, axis=1) > 0
-  first_eos = jnp.argmax(stopped, axis=1) + 1
-  lengths_B = jnp.where(jnp.any(stopped, axis=1), first_eos, max_new_tokens)
-  return out_BN, lengths_B
+  @property
+  def penalized(self) -> bool:
+    return (self.repetition_penalty, self.frequency_penalty, self.presence_penalty) != (1, 0, 0)
 
 
-def generate_tokens(
-  params,
-  cfg: ModelConfig,
-  prompt_BT,
-  prompt_mask_BT,
-  rng,
-  max_new_tokens: int,
-  temperature=1.0,
-  top_k: int = 0,
-  top_p=1.0,
-  eos_id=-1,
-):
-  """Prefill then decode: left-padded prompts -> (new tokens [B, N], lengths [B])."""
-  cache_len = prompt_BT.shape[1] + max_new_tokens
-  logits_BV, cache, last_pos_B = prefill(params, cfg, prompt_BT, prompt_mask_BT, cache_len)
-  return decode(
-    params, cfg, cache, logits_BV, last_pos_B, rng, max_new_tokens, temperature, top_k, top_p,
-    eos_id,
-  )  # fmt: skip
+def sample_logits(logits_BV: Array, rng: Array, cfg: SamplingConfig) -> Array:
+  """Greedy when cfg.temperature == 0, else sampling restricted by top-k, top-p and min-p."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if cfg.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1)
+  scaled_BV = logits_BV / cfg.temperature
+  if cfg.top_k:
+    kth_B1 = jax.lax.top_k(scaled_BV, min(cfg.top_k, scaled_BV.shape[-1]))[0][:, -1:]
+    scaled_BV = jnp.where(scaled_BV < kth_B1, NEG_INF, scaled_BV)
+  if cfg.top_p < 1:  # the smallest set of most likely tokens whose probability reaches top_p
+    sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
+    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    last_B1 = jnp.minimum(jnp.sum(cum_BV < cfg.top_p, axis=-1, keepdims=True), cum_BV.shape[-1] - 1)
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, last_B1, -1)
+    scaled_BV = jnp.where(scaled_BV < cutoff_B1, NEG_INF, scaled_BV)
+  if cfg.min_p:
+    probs_BV = jax.nn.softmax(scaled_BV, axis=-1)
+    keep_BV = probs_BV >= cfg.min_p * jnp.max(probs_BV, axis=-1, keepdims=True)
+    scaled_BV = jnp.where(keep_BV, scaled_BV, NEG_INF)
+  return jax.random.categorical(rng, scaled_BV, axis=-1)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Token lists -> left-padded [B, T] ids and a [B, T] mask of real tokens."""
-  t = max(len(p) for p in prompts)
+def penalize(logits_BV: Array, seen_BV: Array, counts_BV: Array, cfg: SamplingConfig) -> Array:
+  """Repetition penalty (transformers: tokens of prompt and output), then frequency/presence
+  penalties (OpenAI: occurrences in the output)."""
+  if not cfg.penalized:
+    return logits_BV
+  p = cfg.repetition_penalty
+  penalized_BV = jnp.where(logits_BV > 0, logits_BV / p, logits_BV * p)
+  logits_BV = jnp.where(seen_BV | (counts_BV > 0), penalized_BV, logits_BV)
+  return (
+    logits_BV
+    - cfg.frequency_penalty * counts_BV
+    - cfg.presence_penalty * (counts_BV > 0).astype(logits_BV.dtype)
+  )
+
+
+class DecodeState(NamedTuple):
+  """Everything the decode loop carries; the host resumes it chunk by chunk."""
+
+  step: Array  # [] tokens generated so far
+  cache: KVCache
+  logits: Array  # [B, V] logits for the next token
+  position: Array  # [B] position of the next token
+  rng: Array
+  tokens: Array  # [B, N] generated tokens; stop tokens are kept, later slots hold the pad id
+  done: Array  # [B] row finished (stop token, or stopped by the host)
+  seen: Array  # [B, V] bool: token in the prompt ([B, 0] when no penalty is on)
+  counts: Array  # [B, V] int32: occurrences in the output ([B, 0] when no penalty is on)
+
+
+def bucket_length(n: int, limit: int, smallest: int = 16) -> int:
+  """Prompt lengths round up to a power of two (at most `limit`): few shapes, few compiles."""
+  bucket = max(smallest, 1 << max(n - 1, 0).bit_length())
+  return max(n, min(bucket, limit))
+
+
+def left_pad(prompts: list[list[int]], length: int = 0, pad_id: int = 0):
+  """Token lists -> left-padded [B, T] ids and a [B, T] mask of real tokens (T >= `length`)."""
+  t = max(length, max(len(p) for p in prompts))
   tokens = np.full((len(prompts), t), pad_id, np.int32)
   mask = np.zeros((len(prompts), t), np.int32)
   for row, p in enumerate(prompts):
     tokens[row, t - len(p) :] = p
     mask[row, t - len(p) :] = 1
   return tokens, mask
+
+
+def _forward(params, cfg, tokens_BT, positions_BT, segments_BT, cache):
+  return Decoder(cfg).apply(
+    {"params": params}, tokens_BT, positions_BT, segments_BT.astype(jnp.int32), cache=cache
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "pad_id"))
+def prefill(
+  params,
+  cfg: ModelConfig,
+  prompt_BT: Array,
+  mask_BT: Array,
+  rng: Array,
+  max_new_tokens: int,
+  sampling: SamplingConfig = SamplingConfig(),
+  pad_id: int = 0,
+) -> DecodeState:
+  """Left-padded prompts into a fresh cache of T + max_new_tokens slots -> the decode state."""
+  b, t = prompt_BT.shape
+  cache = init_cache(cfg, b, t + max_new_tokens)
+  positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+  logits_BTV, cache = _forward(params, cfg, prompt_BT, positions_BT, mask_BT, cache)
+  v = logits_BTV.shape[-1] if sampling.penalized else 0
+  seen_BV = jnp.zeros((b, v), bool)
+  if v:
+    seen_BV = seen_BV.at[jnp.arange(b)[:, None], prompt_BT].max(mask_BT.astype(bool))
+  return DecodeState(
+    step=jnp.zeros((), jnp.int32),
+    cache=cache,
+    logits=logits_BTV[:, -1],
+    position=positions_BT[:, -1] + 1,
+    rng=rng,
+    tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+    done=jnp.zeros((b,), bool),
+    seen=seen_BV,
+    counts=jnp.zeros((b, v), jnp.int32),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "pad_id"), donate_argnums=2)
+def decode(
+  params,
+  cfg: ModelConfig,
+  state: DecodeState,
+  until: Array,
+  stop_ids: Array,
+  sampling: SamplingConfig = SamplingConfig(),
+  pad_id: int = 0,
+) -> DecodeState:
+  """Samples until every row stopped, `max_new_tokens` or step `until` (a chunk boundary).
+
+  A row stops at any token of `stop_ids` ([E] int32; the stop token is kept).
+  """
+  b, n = state.tokens.shape
+  rows_B = jnp.arange(b)
+
+  def step(s: DecodeState) -> DecodeState:
+    rng, key = jax.random.split(s.rng)
+    logits_BV = penalize(s.logits, s.seen, s.counts, sampling)
+    token_B = jnp.where(s.done, pad_id, sample_logits(logits_BV, key, sampling))
+    counts_BV = s.counts
+    if sampling.penalized:
+      counts_BV = counts_BV.at[rows_B, token_B].add(jnp.where(s.done, 0, 1))
+    logits_B1V, cache = _forward(
+      params, cfg, token_B[:, None], s.position[:, None], jnp.ones((b, 1), jnp.int32), s.cache
+    )
+    return DecodeState(
+      step=s.step + 1,
+      cache=cache,
+      logits=logits_B1V[:, 0],
+      position=s.position + 1,
+      rng=rng,
+      tokens=s.tokens.at[:, s.step].set(token_B),
+      done=s.done | jnp.isin(token_B, stop_ids),
+      seen=s.seen,
+      counts=counts_BV,
+    )
+
+  def keep_going(s: DecodeState):
+    return (s.step < jnp.minimum(until, n)) & ~jnp.all(s.done)
+
+  return jax.lax.while_loop(keep_going, step, state)
+
+
+def output_lengths(tokens_BN: np.ndarray, steps: int, stop_ids) -> np.ndarray:
+  """New tokens per row: through the first stop token, else all `steps` generated."""
+  stops_BN = np.isin(tokens_BN[:, :steps], np.asarray(stop_ids, np.int32))
+  return np.where(stops_BN.any(axis=1), stops_BN.argmax(axis=1) + 1, steps)
+
+
+def generate_tokens(
+  params,
+  cfg: ModelConfig,
+  prompt_BT,
+  mask_BT,
+  rng: Array,
+  max_new_tokens: int,
+  sampling: SamplingConfig = SamplingConfig(),
+  stop_ids=(),
+  chunk: int = 0,
+  on_chunk: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None,
+  programs: tuple | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Prefill then decode -> (new tokens [B, N], lengths [B]), stop tokens included.
+
+  With `chunk`, decoding returns to the host every `chunk` tokens and calls
+  `on_chunk(tokens_BN, lengths_B)`, which may return a [B] bool array of rows to stop (stop
+  strings). `programs` are compiled (prefill, decode) from `compile_programs`.
+  """
+  prefill_fn, decode_fn = programs or (
+    lambda params, prompt_BT, mask_BT, rng: prefill(
+      params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling
+    ),
+    lambda params, state, until, stop_ids: decode(params, cfg, state, until, stop_ids, sampling),
+  )
+  stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+  state = prefill_fn(params, prompt_BT, mask_BT, rng)
+  # One program in flight: XLA's in-process CPU collectives can deadlock when one device starts
+  # the next program while another still runs the previous one.
+  jax.block_until_ready(state)
+  while True:
+    until = min(int(state.step) + (chunk or max_new_tokens), max_new_tokens)
+    state = jax.block_until_ready(decode_fn(params, state, until, stop))
+    steps, done = int(state.step), np.asarray(state.done)
+    if on_chunk is not None:
+      tokens = np.asarray(state.tokens)
+      stopped = on_chunk(tokens, output_lengths(tokens, steps, stop_ids))
+      if stopped is not None and np.any(stopped & ~done):
+        done = done | stopped
+        state = state._replace(done=jnp.asarray(done))
+    if steps >= max_new_tokens or done.all():
+      tokens = np.asarray(state.tokens)
+      return tokens, output_lengths(tokens, steps, stop_ids)
+
+
+def compile_programs(params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling, stop_ids):
+  """Ahead-of-time compiled (prefill, decode) for these shapes, so timings exclude compiling."""
+  prefill_fn = prefill.lower(
+    params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling
+  ).compile()
+  state = jax.eval_shape(
+    functools.partial(prefill, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling),
+    params,
+    prompt_BT=prompt_BT,
+    mask_BT=mask_BT,
+    rng=rng,
+  )
+  stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+  decode_fn = decode.lower(params, cfg, state, 0, stop, sampling).compile()
+  return prefill_fn, decode_fn
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("cfg", "max_new_tokens", "num_beams", "length_penalty", "early_stopping"),
+)
+def beam_search(
+  params,
+  cfg: ModelConfig,
+  prompt_BT: Array,
+  mask_BT: Array,
+  stop_ids: Array,
+  max_new_tokens: int,
+  num_beams: int,
+  length_penalty: float = 1.0,
+  early_stopping: bool | str = False,
+  pad_id: int = 0,
+) -> tuple[Array, Array, Array]:
+  """Beam search as transformers does it -> (best tokens [B, N], lengths [B], scores [B]).
+
+  Each step keeps the top 2K (more with several stop ids) continuations of all K beams; those
+  ending in a stop token (or at `max_new_tokens`) compete for the K finished hypotheses with
+  score sum(log p) / length ** length_penalty, the rest continue as the K running beams.
+  `early_stopping`: True stops once K hypotheses are finished; False stops when the best
+  running beam can no longer beat them at its current length; "never" at its best length.
+  """
+  b, t = prompt_BT.shape
+  k, n = num_beams, max_new_tokens
+  keep = max(2, 1 + stop_ids.shape[0]) * k
+  repeat = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B * K, ...], beams of a row together
+  cache = init_cache(cfg, b * k, t + n)
+  positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+  logits_BTV, cache = _forward(
+    params, cfg, repeat(prompt_BT), repeat(positions_BT), repeat(mask_BT), cache
+  )
+  v = logits_BTV.shape[-1]
+  top_k_mask = (jnp.arange(keep) < k)[None, :]
+  rows_B1 = jnp.arange(b)[:, None]
+
+  def gather(x_BK, index_BJ):  # beams of each row, chosen by index
+    return x_BK[rows_B1, index_BJ]
+
+  def step(s):
+    i, cache, logits_XV, running, running_scores, seqs, scores, finished, open_B1, _ = s
+    log_probs_BKV = jax.nn.log_softmax(logits_XV.astype(jnp.float32), -1).reshape(b, k, v)
+    flat_BKV = (log_probs_BKV + running_scores[:, :, None]).reshape(b, k * v)
+    top_scores, top_index = jax.lax.top_k(flat_BKV, keep)
+    beam_BJ, token_BJ = top_index // v, top_index % v
+    candidates = gather(running, beam_BJ).at[:, :, i].set(token_BJ)  # [B, 2K, N]
+    hits_BJ = jnp.isin(token_BJ, stop_ids) | (i + 1 >= n)
+    # The K best continuations that did not stop run on.
+    live = top_scores + hits_BJ * NEG_INF
+    live_scores, live_index = jax.lax.top_k(live, k)
+    running, running_scores = gather(candidates, live_index), live_scores
+    # Stopped continuations among the top K join the finished hypotheses if good enough.
+    final = top_scores / ((i + 1.0) ** length_penalty)
+    if early_stopping is True:
+      final += jnp.all(finished, axis=1, keepdims=True) * NEG_INF
+    final += ~open_B1 * NEG_INF
+    final += ~(hits_BJ & top_k_mask) * NEG_INF
+    merged_scores = jnp.concatenate([scores, final], axis=1)
+    best_scores, best = jax.lax.top_k(merged_scores, k)
+    seqs = gather(jnp.concatenate([seqs, candidates], axis=1), best)
+    finished = gather(jnp.concatenate([finished, hits_BJ & top_k_mask], axis=1), best)
+    scores = best_scores
+    # Reorder the cache to the surviving beams and feed their new tokens.
+    source_X = (rows_B1 * k + gather(beam_BJ, live_index)).reshape(-1)
+    cache = cache.replace(
+      k=cache.k[:, source_X],
+      v=cache.v[:, source_X],
+      segment=cache.segment[source_X],
+      position=cache.position[source_X],
+    )
+    new_X = gather(token_BJ, live_index).reshape(-1)
+    position_X = repeat(positions_BT[:, -1]) + i + 1
+    logits_X1V, cache = _forward(
+      params, cfg, new_X[:, None], position_X[:, None], jnp.ones((b * k, 1), jnp.int32), cache
+    )
+    i = i + 1
+    best_length = n if (early_stopping == "never" and length_penalty > 0) else i
+    best_running_B1 = running_scores[:, :1] / (best_length**length_penalty)
+    worst_BK = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG_INF)
+    open_B1 = open_B1 & jnp.any(best_running_B1 > worst_BK, axis=1, keepdims=True)
+    all_hit = jnp.all(hits_BJ)  # every continuation stopped: nothing left to extend
+    return (i, cache, logits_X1V[:, 0], running, running_scores, seqs, scores, finished, open_B1,
+            all_hit)  # fmt: skip
+
+  def keep_going(s):
+    i, finished, open_B1, all_hit = s[0], s[7], s[8], s[9]
+    stop_all = jnp.all(finished) & (early_stopping is True)
+    return (i < n) & jnp.any(open_B1) & ~stop_all & ~all_hit
+
+  running = jnp.full((b, k, n), pad_id, jnp.int32)
+  running_scores = jnp.zeros((b, k)).at[:, 1:].set(NEG_INF)  # first step: one beam, no copies
+  state = (
+    jnp.zeros((), jnp.int32), cache, logits_BTV[:, -1], running, running_scores, running,
+    jnp.full((b, k), NEG_INF), jnp.zeros((b, k), bool), jnp.ones((b, 1), bool),
+    jnp.zeros((), bool),
+  )  # fmt: skip
+  final = jax.lax.while_loop(keep_going, step, state)
+  seqs, scores = final[5][:, 0], final[6][:, 0]
+  stops_BN = jnp.isin(seqs, stop_ids)
+  lengths = jnp.where(stops_BN.any(axis=1), jnp.argmax(stops_BN, axis=1) + 1, n)
+  return seqs, lengths, scores

@@ -49,6 +49,10 @@ class MeshConfig:
   tensor: int = 1
   dcn_data: int = 1  # across slices / hosts over the data-center network (multi-slice TPU)
   dcn_fsdp: int = 1
+  # CPU hosts only: split the host into this many JAX devices so that data parallelism keeps
+  # every core busy (XLA runs one small step on few threads). 0: JAX's one device; -1: one per
+  # core, as many as the batch sizes divide over. Read by the train binary before JAX starts.
+  cpu_devices: int = -1
   rules: tuple = DEFAULT_RULES
 
   def __post_init__(self):
@@ -174,6 +178,27 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
   """This process's rows -> global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def split_cpu(cpu_devices: int, batch_sizes=()) -> int:
+  """Sets how many devices the CPU backend shows (before JAX starts); returns the count set.
+
+  `-1` takes one device per core this process may run on, lowered to the largest count every
+  batch size divides by. An explicit `--xla_force_host_platform_device_count` wins.
+  """
+  if cpu_devices == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return 0
+  if cpu_devices < 0:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu_devices = devices_per_core(cores or 1, batch_sizes)
+  jax.config.update("jax_num_cpu_devices", cpu_devices)
+  return cpu_devices
+
+
+def devices_per_core(cores: int, batch_sizes=()) -> int:
+  """The most devices, at most one per core, that every batch size divides over."""
+  step = math.gcd(*batch_sizes) if batch_sizes else 1
+  return max(n for n in range(1, cores + 1) if step % n == 0)
 
 
 def sync_hosts(name: str) -> None:

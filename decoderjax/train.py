@@ -26,6 +26,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  config = _CONFIG.value
+  if "mesh" in config and "train" in config:  # before anything starts JAX's backends
+    train, accum = config.train.batch_size, config.get("loss", {}).get("grad_accum_steps", 1)
+    batches = (train, train // max(accum, 1), config.eval.get("batch_size", 0) or train)
+    sharding.split_cpu(config.mesh.get("cpu_devices", 0), batches)
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)

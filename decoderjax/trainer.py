@@ -22,7 +22,7 @@ from decoderjax import sharding as sharding_lib
 from decoderjax.experiment import Experiment
 from decoderjax.model import Decoder, count_params
 from decoderjax.optimizer import make_optimizer, make_schedule
-from decoderjax.sampling import generate_tokens
+from decoderjax.sampling import SamplingConfig, generate_tokens
 from decoderjax.steps import TrainState, eval_step, train_step
 
 
@@ -93,19 +93,19 @@ def sample_text(params, exp: Experiment, tokenizer, rng_seed: int) -> str:
     prompt_text, prompt = "", []
   start = prompt or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
   new = min(exp.train.sample_tokens, exp.model.max_seq_len - len(start))
+  stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
   tokens, lengths = generate_tokens(
     params,
     exp.model,
-    jnp.asarray([start]),
-    jnp.ones((1, len(start)), jnp.int32),
+    np.asarray([start], np.int32),
+    np.ones((1, len(start)), np.int32),
     jax.random.key(rng_seed),
     new,
-    temperature=0.8,
-    top_k=0,
-    top_p=1.0,
-    eos_id=-1 if tokenizer.eos_id is None else tokenizer.eos_id,
+    SamplingConfig(temperature=0.8),
+    stop_ids,
   )
-  return prompt_text + tokenizer.decode(np.asarray(tokens[0, : int(lengths[0])]))
+  new_tokens = [int(t) for t in tokens[0, : int(lengths[0])] if int(t) not in stop_ids]
+  return prompt_text + tokenizer.decode(new_tokens)
 
 
 class _Preemption:
@@ -233,7 +233,9 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
       done = step + 1
       if done < exp.train.steps:  # prefetch: the next batch is built and sent meanwhile
         next_batch = sharding_lib.global_batch(mesh, batches.batch(done))
-      loss = float(m["loss"])  # waits for the step: checks every step before any save
+      # Waits for the step: checks every step before any save, and keeps one step in flight
+      # (XLA's in-process CPU collectives can deadlock when a device runs a step ahead).
+      loss = float(m["loss"])
       finite = np.isfinite(loss) and np.isfinite(float(m["param_norm"]))
       if not finite and exp.train.on_nonfinite == "stop":
         kept = mngr.latest_step()

@@ -63,9 +63,12 @@ def tokenizer_json(tmp_path_factory):
   return path.read_text()
 
 
-def save_hf(name, directory, tokenizer_json):
+def save_hf(name, directory, tokenizer_json, **config_changes):
   torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(MODELS[name](), attn_implementation="eager")
+  config = MODELS[name]()
+  for key, value in config_changes.items():
+    setattr(config, key, value)
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
   model.eval()
   with torch.no_grad():  # random norms and biases, so a swapped tensor cannot hide
     for p in model.parameters():

@@ -11,6 +11,8 @@ import textwrap
 import pytest
 from conftest import REPO
 
+from decoderjax import sharding
+
 EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 MODEL = [
   "--config.model.num_layers=2",
@@ -228,3 +230,11 @@ def test_local_multiprocess_launch_script(tmp_path, text_file):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step=2" in result.stdout
   assert (tmp_path / "process_1.log").exists()
+
+
+def test_cpu_devices_auto_takes_one_per_core_that_the_batches_divide_over():
+  assert sharding.devices_per_core(2, (12, 64)) == 2
+  assert sharding.devices_per_core(16, (12, 64)) == 4  # gcd 4
+  assert sharding.devices_per_core(8, (7,)) == 7
+  assert sharding.devices_per_core(3, (16, 32)) == 2
+  assert sharding.devices_per_core(1, (12,)) == 1
