@@ -123,29 +123,29 @@ def xla_attention(
 
 
 def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> Array:
-  """Attention over the cache's earlier slots and the new tokens, without copying the cache.
-
-  One softmax over both key sets: the logits are joined, the values applied per set.
-  """
+  """Attention over the cache's earlier slots ([B, K, S, H]) and the new tokens ([B, T, K, H]),
+  without copying the cache: one softmax over both key sets, values applied per set."""
   b, t, n, h = q_BTNH.shape
-  (k_BSKH, v_BSKH), (k_BTKH, v_BTKH), (mask_BTS, mask_BTT) = old_kv, new_kv, masks
-  k = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * (h**-0.5)
+  (k_BKSH, v_BKSH), (k_BTKH, v_BTKH), (mask_BTS, mask_BTT) = old_kv, new_kv, masks
+  k, s = k_BKSH.shape[1], k_BKSH.shape[2]
+  q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4) * (h**-0.5)
   big_neg = jnp.finfo(jnp.float32).min
 
-  def scores(keys_BSKH, mask_BTS):
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, keys_BSKH, preferred_element_type=jnp.float32)
+  def masked(logits_BKGTS, mask_BTS):
     if cfg.attn_logit_softcap is not None:
-      logits = cfg.attn_logit_softcap * jnp.tanh(logits / cfg.attn_logit_softcap)
-    return jnp.where(mask_BTS[:, None, None], logits, big_neg)
+      cap = cfg.attn_logit_softcap
+      logits_BKGTS = cap * jnp.tanh(logits_BKGTS / cap)
+    return jnp.where(mask_BTS[:, None, None], logits_BKGTS, big_neg)
 
-  s = k_BSKH.shape[1]
-  logits_BKGTX = jnp.concatenate([scores(k_BSKH, mask_BTS), scores(k_BTKH, mask_BTT)], axis=-1)
+  f32 = jnp.float32
+  old_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=f32)
+  new_BKGTT = jnp.einsum("BKGTH,BSKH->BKGTS", q_BKGTH, k_BTKH, preferred_element_type=f32)
+  logits_BKGTX = jnp.concatenate([masked(old_BKGTS, mask_BTS), masked(new_BKGTT, mask_BTT)], -1)
   probs_BKGTX = jax.nn.softmax(logits_BKGTX, axis=-1)
-  out_BTKGH = jnp.einsum(
-    "BKGTS,BSKH->BTKGH", probs_BKGTX[..., :s].astype(v_BSKH.dtype), v_BSKH
-  ) + jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTX[..., s:].astype(v_BTKH.dtype), v_BTKH)
-  return out_BTKGH.reshape(b, t, n, h)
+  out_BKGTH = jnp.einsum(
+    "BKGTS,BKSH->BKGTH", probs_BKGTX[..., :s].astype(v_BKSH.dtype), v_BKSH
+  ) + jnp.einsum("BKGTS,BSKH->BKGTH", probs_BKGTX[..., s:].astype(v_BTKH.dtype), v_BTKH)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nn.Module):
@@ -190,14 +190,16 @@ class Attention(nn.Module):
 
     new_kv = None
     if kv is not None:  # the caller writes the new entries into the cache, in place
-      new_kv = (k_BTKH.astype(kv[0].dtype), v_BTKH.astype(kv[1].dtype))
+      new_kv = tuple(
+        z.transpose(0, 2, 1, 3).astype(c.dtype) for z, c in zip((k_BTKH, v_BTKH), kv, strict=True)
+      )
     k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
     dropout_active = cfg.attn_dropout > 0 and not self.deterministic
     impl = resolve_impl(cfg, dropout_active, x_BTD.shape[1], kv is not None)
     if kv is not None:  # mask_BTS is (earlier cache slots [B, T, S], new tokens [B, T, T])
-      old_BSKH = tuple(z.astype(dtype) for z in kv)
-      out_BTNH = cached_attention(q_BTNH, old_BSKH, (k_BTKH, v_BTKH), mask_BTS, cfg)
+      old_BKSH = tuple(z.astype(dtype) for z in kv)
+      out_BTNH = cached_attention(q_BTNH, old_BKSH, (k_BTKH, v_BTKH), mask_BTS, cfg)
     elif impl == "splash":
       out_BTNH = splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg)
     elif impl == "xla":

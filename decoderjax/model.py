@@ -24,22 +24,22 @@ REMAT_POLICIES = {
 class KVCache:
   """Preallocated keys and values of every layer plus the metadata masks are built from."""
 
-  k: Array  # [L, B, S, K, H]
-  v: Array  # [L, B, S, K, H]
+  k: Array  # [L, B, K, S, H]: heads before slots, the layout attention reads
+  v: Array  # [L, B, K, S, H]
   segment: Array  # [B, S] int32 document id of each slot; 0 marks empty or padding slots
   position: Array  # [B, S] int32 position of the token held in each slot
   index: Array  # [] int32 next slot to write
 
   @property
   def length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> KVCache:
   """An empty cache for `batch` rows of up to `length` tokens (prompt plus generation)."""
   if length > cfg.max_seq_len:
     raise ValueError(f"cache length {length} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-  shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_size)
+  shape = (cfg.num_layers, batch, cfg.kv_heads, length, cfg.head_size)
   dtype = dtype_of(dtype or cfg.dtype)
   return KVCache(
     k=jnp.zeros(shape, dtype),
@@ -188,21 +188,23 @@ class Decoder(nn.Module):
         full, new, (0, index) + (0,) * (full.ndim - 2)
       )
       new_cache = KVCache(
-        k=jax.lax.dynamic_update_slice(cache.k, new_kv[0], (0, 0, index, 0, 0)),
-        v=jax.lax.dynamic_update_slice(cache.v, new_kv[1], (0, 0, index, 0, 0)),
+        k=jax.lax.dynamic_update_slice(cache.k, new_kv[0], (0, 0, 0, index, 0)),
+        v=jax.lax.dynamic_update_slice(cache.v, new_kv[1], (0, 0, 0, index, 0)),
         segment=write(cache.segment, segment_ids_BT),
         position=write(cache.position, positions_BT),
         index=index + t,
       )
     if return_hidden:
       return x_BTD, new_cache
-    if cfg.tie_embeddings:
-      head_DV = embedding_VD.T
+    if cfg.tie_embeddings:  # contracted as stored: a transposed copy of the table costs a step
+      logits_BTV = jnp.einsum(
+        "BTD,VD->BTV", x_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32
+      )
     else:
       head_DV = param(self, "head", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"))
-    logits_BTV = jnp.einsum(
-      "BTD,DV->BTV", x_BTD, head_DV.astype(dtype), preferred_element_type=jnp.float32
-    )
+      logits_BTV = jnp.einsum(
+        "BTD,DV->BTV", x_BTD, head_DV.astype(dtype), preferred_element_type=jnp.float32
+      )
     if cfg.final_logit_softcap is not None:
       cap = cfg.final_logit_softcap
       logits_BTV = cap * jnp.tanh(logits_BTV / cap)
