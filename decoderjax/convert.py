@@ -76,7 +76,7 @@ def convert_hf(source: str, output: str, dtype: str = "float32") -> None:
     raise FileNotFoundError(f"{source}: no config.json")
   cfg = hf.config_from_hf(hf_config, config_path).replace(param_dtype=dtype, dtype=dtype)
   tokenizer = hf_tokenizer(source, hf_config)
-  reader = hf.SafetensorsReader(source)
+  reader = hf.open_checkpoint(source)
   params = hf.params_from_hf(reader, cfg, hf_config["model_type"], jax.numpy.dtype(dtype))
   write_model_dir(source, output, cfg, params, tokenizer, generation_defaults(source))
 

@@ -1,8 +1,8 @@
 """Hugging Face checkpoints -> decoderjax: config translation and tensor mapping.
 
-Supported `model_type`s: gpt2, llama, mistral, qwen2. Tensors stream from safetensors one at a
-time (single files or sharded with `model.safetensors.index.json`), so a checkpoint is never
-held twice in memory.
+Supported `model_type`s: gpt2, llama, mistral, qwen2, gemma. Tensors stream from safetensors
+one at a time (single files or sharded with `model.safetensors.index.json`), so a checkpoint is
+never held twice in memory.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 
 from decoderjax.config import ModelConfig, RopeScaling
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
+GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # GELU, tanh approximation
 
 
 def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
@@ -37,7 +38,11 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
       tie_embeddings=True,
     )
   if arch in LLAMA_LIKE:
-    if hf.get("hidden_act", "silu") != "silu":
+    gemma = arch == "gemma"  # RMSNorm scaled by 1 + w, embeddings x sqrt(D), GeGLU, tied head
+    act = (hf.get("hidden_activation") or hf.get("hidden_act") or "silu") if gemma else None
+    if gemma and act not in GEMMA_ACTIVATIONS:
+      raise ValueError(f"{path}: Gemma activation {act!r} is not supported {GEMMA_ACTIVATIONS}")
+    if not gemma and hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
     # transformers >= 5 writes `rope_parameters` (theta included); older ones `rope_scaling`.
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -72,13 +77,15 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
       rope_scaling=scaling,
       norm="rmsnorm",
       norm_eps=hf.get("rms_norm_eps", 1e-6),
-      mlp="swiglu",
+      norm_offset=gemma,
+      mlp="geglu" if gemma else "swiglu",
+      embed_scale=gemma,
       qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       sliding_window=window,
     )
   raise ValueError(
-    f"{path}: unknown architecture model_type={arch!r} (gpt2, llama, mistral, qwen2)"
+    f"{path}: unknown architecture model_type={arch!r} (gpt2, llama, mistral, qwen2, gemma)"
   )
 
 
@@ -117,6 +124,54 @@ class SafetensorsReader:
       return np.asarray(self.files[file].get_tensor(name), np.float32)
     except Exception as e:
       raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+
+class TorchBinReader:
+  """PyTorch `pytorch_model.bin` checkpoints (single or indexed), through torch's weights-only
+  unpickler: tensors and plain containers load, any other pickled object is refused."""
+
+  def __init__(self, directory: str):
+    try:
+      import torch
+    except ImportError:
+      raise ImportError("reading pytorch_model.bin needs `pip install torch`") from None
+    index = os.path.join(directory, "pytorch_model.bin.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+      names = ["pytorch_model.bin"]
+    self.tensors = {}
+    for name in names:
+      path = os.path.join(directory, name)
+      try:  # mmap: tensors stay on disk until converted one by one
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+      except Exception as e:  # torch raises UnpicklingError for anything but tensors
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint ({e})") from None
+      self.tensors.update(state)
+
+  def keys(self) -> set[str]:
+    return set(self.tensors)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self.tensors:
+      raise ValueError(f"tensor {name!r} is missing from the checkpoint")
+    return self.tensors[name].float().numpy()
+
+
+def open_checkpoint(directory: str):
+  """The tensors of a Hugging Face checkpoint directory: safetensors first, else .bin."""
+  if any(
+    os.path.exists(os.path.join(directory, f))
+    for f in ("model.safetensors", "model.safetensors.index.json")
+  ):
+    return SafetensorsReader(directory)
+  if any(
+    os.path.exists(os.path.join(directory, f))
+    for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+  ):
+    return TorchBinReader(directory)
+  raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 
 def _gpt2_layer(get: Callable, i: int, cfg: ModelConfig) -> dict:
@@ -173,7 +228,7 @@ def _llama_layer(get: Callable, i: int, cfg: ModelConfig) -> dict:
   }
 
 
-def params_from_hf(reader: SafetensorsReader, cfg: ModelConfig, arch: str, dtype=np.float32):
+def params_from_hf(reader, cfg: ModelConfig, arch: str, dtype=np.float32):
   """The decoderjax parameter tree (scanned or per-layer, as `cfg` says) in `dtype`."""
   keys = reader.keys()
   prefix = (
@@ -236,8 +291,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       "layer_norm_epsilon": cfg.norm_eps,
       "tie_word_embeddings": True,
     }
-  llama_like = (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu")
-  unsupported = [f for f in ("norm_offset", "embed_scale", "use_bias") if getattr(cfg, f)]
+  gemma = (cfg.mlp, cfg.norm_offset, cfg.embed_scale) == ("geglu", True, True)
+  llama_like = (cfg.position, cfg.norm, cfg.mlp) == (
+    "rope",
+    "rmsnorm",
+    "geglu" if gemma else "swiglu",
+  )
+  unsupported = [f for f in ("norm_offset", "embed_scale") if getattr(cfg, f) and not gemma]
+  unsupported += [f for f in ("use_bias",) if getattr(cfg, f)]
+  unsupported += ["sliding_window"] if gemma and cfg.sliding_window else []
   unsupported += [f for f in ("attn_logit_softcap", "final_logit_softcap") if getattr(cfg, f)]
   if not llama_like or unsupported:
     raise ValueError(
@@ -245,8 +307,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       f"mlp={cfg.mlp}, {unsupported or 'ok'})"
     )
   arch = "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+  arch = "gemma" if gemma else arch
   names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-           "qwen2": "Qwen2ForCausalLM"}  # fmt: skip
+           "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}  # fmt: skip
   out = {
     "architectures": [names[arch]],
     "model_type": arch,
@@ -258,7 +321,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     "num_attention_heads": cfg.num_heads,
     "num_key_value_heads": cfg.kv_heads,
     "head_dim": cfg.head_size,
-    "hidden_act": "silu",
+    "hidden_act": "gelu_pytorch_tanh" if gemma else "silu",
     "rms_norm_eps": cfg.norm_eps,
     "rope_theta": cfg.rope_theta,
     "tie_word_embeddings": cfg.tie_embeddings,
@@ -266,6 +329,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   }
   if arch == "qwen2" and cfg.sliding_window:
     out["use_sliding_window"] = True
+  if gemma:
+    out.update(hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.qkv_bias)
   if cfg.rope_scaling is not None:
     s = cfg.rope_scaling
     out["rope_scaling"] = {

@@ -129,6 +129,11 @@ def test_gguf_matches_transformers_on_the_dequantized_weights(qtype, tmp_path, h
     expected = ref_model(torch.from_numpy(tokens)).logits.numpy()
   got, _ = Decoder(ours.config).apply({"params": ours.params}, jnp.asarray(tokens))
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+  # transformers' own GGUF loader reads the file to the same model.
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+  with torch.no_grad():
+    theirs = loaded.eval()(torch.from_numpy(tokens)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(got), theirs, atol=1e-4, rtol=1e-4)
   # The tokenizer and chat template come from the metadata.
   _, _, hf_tok = tokenizer_pieces()
   assert ours.tokenizer.encode("to be or not") == hf_tok.encode("to be or not").ids

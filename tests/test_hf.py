@@ -44,6 +44,9 @@ MODELS = {
   "mistral": lambda: transformers.MistralConfig(
     **COMMON, num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False
   ),
+  "gemma": lambda: transformers.GemmaConfig(
+    **COMMON, num_key_value_heads=1, head_dim=32, hidden_activation="gelu_pytorch_tanh"
+  ),
   "qwen2": lambda: transformers.Qwen2Config(
     **COMMON, num_key_value_heads=1, tie_word_embeddings=True, rms_norm_eps=1e-6
   ),
@@ -139,3 +142,25 @@ def test_round_trip_back_to_transformers(name, tmp_path, tokenizer_json):
   assert modeldir.read_config(str(tmp_path / "ours2")) == modeldir.read_config(
     str(tmp_path / "ours")
   )
+
+
+class _Exploit:
+  def __reduce__(self):
+    return (os.system, ("echo pwned",))
+
+
+def test_pytorch_bin_checkpoints_load_weights_only(tmp_path, tokenizer_json):
+  model = save_hf("llama3", tmp_path / "hf", tokenizer_json)
+  (tmp_path / "hf" / "model.safetensors").unlink()
+  torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+  convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  ours = modeldir.load_model_dir(str(tmp_path / "ours"))
+  tokens = np.random.default_rng(0).integers(0, V, (1, 16))
+  with torch.no_grad():
+    expected = model(torch.from_numpy(tokens)).logits.numpy()
+  got, _ = Decoder(ours.config).apply({"params": ours.params}, jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+
+  torch.save({"model.embed_tokens.weight": _Exploit()}, tmp_path / "hf" / "pytorch_model.bin")
+  with pytest.raises(ValueError, match="not a weights-only PyTorch checkpoint"):
+    convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "bad"))
