@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,8 +12,9 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_hf import assert_same_logits  # noqa: E402
+
 from decoderjax import convert, modeldir  # noqa: E402
-from decoderjax.model import Decoder  # noqa: E402
 
 V, D, N, K, F, L = 256, 64, 4, 2, 128, 2
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
@@ -125,15 +125,10 @@ def test_gguf_matches_transformers_on_the_dequantized_weights(qtype, tmp_path, h
   convert.convert_gguf(str(tmp_path / "m.gguf"), str(tmp_path / "ours"))
   ours = modeldir.load_model_dir(str(tmp_path / "ours"))
   tokens = np.random.default_rng(0).integers(0, V, (2, 16))
-  with torch.no_grad():
-    expected = ref_model(torch.from_numpy(tokens)).logits.numpy()
-  got, _ = Decoder(ours.config).apply({"params": ours.params}, jnp.asarray(tokens))
-  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+  assert_same_logits(ref_model, ours, tokens)
   # transformers' own GGUF loader reads the file to the same model.
   loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf")
-  with torch.no_grad():
-    theirs = loaded.eval()(torch.from_numpy(tokens)).logits.numpy()
-  np.testing.assert_allclose(np.asarray(got), theirs, atol=1e-4, rtol=1e-4)
+  assert_same_logits(loaded.eval(), ours, tokens)
   # The tokenizer and chat template come from the metadata.
   _, _, hf_tok = tokenizer_pieces()
   assert ours.tokenizer.encode("to be or not") == hf_tok.encode("to be or not").ids

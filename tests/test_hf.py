@@ -82,16 +82,20 @@ def save_hf(name, directory, tokenizer_json, **config_changes):
   return model
 
 
+def assert_same_logits(torch_model, ours, tokens, atol=1e-4):
+  """Our converted model directory and a PyTorch model give the same logits on `tokens`."""
+  with torch.no_grad():
+    expected = torch_model(torch.from_numpy(tokens)).logits.numpy()
+  got, _ = Decoder(ours.config).apply({"params": ours.params}, jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(got), expected, atol=atol, rtol=atol)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_converted_logits_match_transformers(name, tmp_path, tokenizer_json):
   model = save_hf(name, tmp_path / "hf", tokenizer_json)
   convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
   ours = modeldir.load_model_dir(str(tmp_path / "ours"))
-  tokens = np.random.default_rng(0).integers(0, V, (2, 24))
-  with torch.no_grad():
-    expected = model(torch.from_numpy(tokens)).logits.numpy()
-  got, _ = Decoder(ours.config).apply({"params": ours.params}, jnp.asarray(tokens))
-  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+  assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (2, 24)))
   assert ours.tokenizer.kind == "hf" and ours.tokenizer.encode("to be") == model_tok(tokenizer_json)
 
 
@@ -155,11 +159,7 @@ def test_pytorch_bin_checkpoints_load_weights_only(tmp_path, tokenizer_json):
   torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
   convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
   ours = modeldir.load_model_dir(str(tmp_path / "ours"))
-  tokens = np.random.default_rng(0).integers(0, V, (1, 16))
-  with torch.no_grad():
-    expected = model(torch.from_numpy(tokens)).logits.numpy()
-  got, _ = Decoder(ours.config).apply({"params": ours.params}, jnp.asarray(tokens))
-  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+  assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (1, 16)))
 
   torch.save({"model.embed_tokens.weight": _Exploit()}, tmp_path / "hf" / "pytorch_model.bin")
   with pytest.raises(ValueError, match="not a weights-only PyTorch checkpoint"):
