@@ -66,7 +66,7 @@ def bench_decoderjax(params, cfg, prompt: np.ndarray, new: int, repeats: int) ->
     params, cfg, tokens, mask, rng, new, config, stop_ids=[]
   )
   compile_s = time.perf_counter() - start
-  stop = jax.numpy.asarray([-1], jax.numpy.int32)
+  stop = sampling.stop_array([])
   prefills, decodes = [], []
   for _ in range(repeats):
     start = time.perf_counter()

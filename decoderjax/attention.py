@@ -33,20 +33,20 @@ def attention_mask(
 SPLASH_BLOCK = 128  # splash attention tiles; sequences must be a multiple of it
 
 
-def resolve_impl(cfg: ModelConfig, dropout_active: bool, seq_len: int, cached: bool) -> str:
-  """Picks the attention kernel for this call.
+def resolve_impl(cfg: ModelConfig, dropout_active: bool, seq_len: int) -> str:
+  """Picks the attention kernel for a call without a KV cache (cached calls: `cached_attention`).
 
   auto: Pallas splash attention on TPU (full sequences whose length tiles), XLA einsums on CPU,
   jax.nn.dot_product_attention (cuDNN flash attention) on GPU. Features a kernel lacks
-  (attention dropout; soft-capping outside splash; a KV cache for splash) fall back to XLA.
+  (attention dropout; soft-capping outside splash) fall back to XLA.
   """
   impl = cfg.attention_impl
   if impl == "auto":
     backend = jax.default_backend()
     impl = {"tpu": "splash", "cpu": "xla"}.get(backend, "dot_product_attention")
-    if impl == "splash" and (cached or seq_len % SPLASH_BLOCK):
+    if impl == "splash" and seq_len % SPLASH_BLOCK:
       impl = "dot_product_attention"
-  if dropout_active or (impl == "splash" and cached):
+  if dropout_active:
     return "xla"
   if impl == "dot_product_attention" and cfg.attn_logit_softcap is not None:
     return "xla"
@@ -161,7 +161,6 @@ class Attention(nn.Module):
     positions_BT: Array,
     mask_BTS: Array,
     kv: tuple[Array, Array] | None = None,
-    cache_index: Array | None = None,
     segment_ids_BT: Array | None = None,
   ) -> tuple[Array, tuple[Array, Array] | None]:
     cfg = self.config
@@ -193,23 +192,22 @@ class Attention(nn.Module):
       new_kv = tuple(
         z.transpose(0, 2, 1, 3).astype(c.dtype) for z, c in zip((k_BTKH, v_BTKH), kv, strict=True)
       )
-    k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
     dropout_active = cfg.attn_dropout > 0 and not self.deterministic
-    impl = resolve_impl(cfg, dropout_active, x_BTD.shape[1], kv is not None)
-    if kv is not None:  # mask_BTS is (earlier cache slots [B, T, S], new tokens [B, T, T])
+    impl = "cached" if kv is not None else resolve_impl(cfg, dropout_active, x_BTD.shape[1])
+    if impl == "cached":  # mask_BTS is (earlier cache slots [B, T, S], new tokens [B, T, T])
       old_BKSH = tuple(z.astype(dtype) for z in kv)
       out_BTNH = cached_attention(q_BTNH, old_BKSH, (k_BTKH, v_BTKH), mask_BTS, cfg)
     elif impl == "splash":
-      out_BTNH = splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, cfg)
+      out_BTNH = splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg)
     elif impl == "xla":
       dropout = None
       if dropout_active:
         dropout = nn.Dropout(cfg.attn_dropout, deterministic=False)
-      out_BTNH = xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.attn_logit_softcap, dropout)
+      out_BTNH = xla_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg.attn_logit_softcap, dropout)
     else:
       out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=h**-0.5
+        q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None], scale=h**-0.5
       )
 
     o_NHD = param(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), output_init(cfg))

@@ -11,7 +11,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -124,13 +123,8 @@ class Generator:
   """Compiles once per (batch, prompt bucket) and generates, streaming when asked."""
 
   def __init__(self, model, mesh, config: SamplingConfig, max_new: int, stops: list[int]):
-    self.model, self.mesh, self.config, self.max_new, self.stops = (
-      model,
-      mesh,
-      config,
-      max_new,
-      stops,
-    )
+    self.model, self.mesh, self.config = model, mesh, config
+    self.max_new, self.stops = max_new, stops
     self.strings = StopStrings(model.tokenizer, _STOP.value or [], stops)
     self.programs = {}
     self.rng = jax.random.key(_SEED.value)
@@ -175,13 +169,12 @@ class Generator:
     results = []
     for row, n in zip(out, lengths, strict=True):
       text, _ = self.strings.text(row[:n])
-      new = [int(t) for t in row[:n] if int(t) not in self.stops]
-      results.append({"text": text, "tokens": new})
+      results.append({"text": text, "tokens": sampling.new_tokens(row, n, self.stops)})
     timings["new_tokens"] = int(lengths.sum())
     return results, timings
 
   def compile_beam(self, tokens, mask):
-    stop = jnp.asarray(self.stops or [-1], jnp.int32)
+    stop = sampling.stop_array(self.stops)
     early = {"true": True, "false": False}.get(_EARLY_STOPPING.value, _EARLY_STOPPING.value)
     args = (self.max_new, _NUM_BEAMS.value, _LENGTH_PENALTY.value, early)
     program = sampling.beam_search.lower(
@@ -218,10 +211,9 @@ class Generator:
     state = jax.block_until_ready(prefill_fn(self.model.params, tokens, mask, rng))
     timings["prefill_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    out, lengths = sampling.generate_tokens(
-      self.model.params, self.model.config, tokens, mask, rng, self.max_new, self.config,
-      self.stops, chunk=STREAM_CHUNK if watch else 0, on_chunk=on_chunk if watch else None,
-      programs=(lambda *_: state, decode_fn),
+    out, lengths = sampling.run_decode(
+      self.model.params, state, decode_fn, self.max_new, self.stops,
+      chunk=STREAM_CHUNK if watch else 0, on_chunk=on_chunk if watch else None,
     )  # fmt: skip
     timings["decode_s"] = time.perf_counter() - start
     for row, n in stopped_at.items():

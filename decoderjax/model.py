@@ -68,12 +68,12 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, cache_index=None, segment_ids_BT=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, segment_ids_BT=None):
     cfg = self.config
     with jax.named_scope("attention"):
       h_BTD = Norm(cfg, name="attn_norm")(x_BTD)
       h_BTD, new_kv = Attention(cfg, self.deterministic, name="attn")(
-        h_BTD, positions_BT, mask_BTS, kv, cache_index, segment_ids_BT
+        h_BTD, positions_BT, mask_BTS, kv, segment_ids_BT
       )
       x_BTD += nn.Dropout(cfg.resid_dropout)(h_BTD, deterministic=self.deterministic)
     with jax.named_scope("mlp"):
@@ -131,7 +131,7 @@ class Decoder(nn.Module):
 
     q_slot_T = jnp.arange(t)
     dropout_active = cfg.attn_dropout > 0 and not deterministic
-    if cache is None and resolve_impl(cfg, dropout_active, t, cached=False) == "splash":
+    if cache is None and resolve_impl(cfg, dropout_active, t) == "splash":
       kv, index, mask_BTS = None, None, None  # the kernel masks by segment ids itself
     elif cache is None:
       kv, index = None, None
@@ -164,19 +164,19 @@ class Decoder(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x_BTD, new_kv = stack(cfg, deterministic, name="layers")(
-        x_BTD, positions_BT, mask_BTS, kv, index, segment_ids_BT
+        x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT
       )
     else:
       new_layers = []
       for i in range(cfg.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
         x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(
-          x_BTD, positions_BT, mask_BTS, layer_kv, index, segment_ids_BT
+          x_BTD, positions_BT, mask_BTS, layer_kv, segment_ids_BT
         )
         new_layers.append(layer_kv)
       new_kv = None if kv is None else tuple(jnp.stack(z) for z in zip(*new_layers, strict=True))
@@ -184,14 +184,17 @@ class Decoder(nn.Module):
     x_BTD = Norm(cfg, name="final_norm")(x_BTD)
     new_cache = None
     if cache is not None:
-      write = lambda full, new: jax.lax.dynamic_update_slice(
-        full, new, (0, index) + (0,) * (full.ndim - 2)
-      )
+
+      def write(full, new, slot_axis):  # the new tokens' slots, in place
+        start = [0] * full.ndim
+        start[slot_axis] = index
+        return jax.lax.dynamic_update_slice(full, new, start)
+
       new_cache = KVCache(
-        k=jax.lax.dynamic_update_slice(cache.k, new_kv[0], (0, 0, 0, index, 0)),
-        v=jax.lax.dynamic_update_slice(cache.v, new_kv[1], (0, 0, 0, index, 0)),
-        segment=write(cache.segment, segment_ids_BT),
-        position=write(cache.position, positions_BT),
+        k=write(cache.k, new_kv[0], 3),  # [L, B, K, S, H]
+        v=write(cache.v, new_kv[1], 3),
+        segment=write(cache.segment, segment_ids_BT, 1),  # [B, S]
+        position=write(cache.position, positions_BT, 1),
         index=index + t,
       )
     if return_hidden:

@@ -123,6 +123,21 @@ def left_pad(prompts: list[list[int]], length: int = 0, pad_id: int = 0):
   return tokens, mask
 
 
+def stop_array(stop_ids) -> Array:
+  """Stop token ids as the [E] int32 array the decode loops take (-1, never sampled, if none)."""
+  return jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+
+
+def new_tokens(tokens_N, length: int, stop_ids) -> list[int]:
+  """A row's first `length` generated ids without its stop tokens (what users see)."""
+  return [int(t) for t in tokens_N[:length] if int(t) not in stop_ids]
+
+
+def _prompt_positions(mask_BT: Array) -> Array:
+  """Positions of left-padded prompts: 0 at each row's first real token."""
+  return jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+
+
 def _forward(params, cfg, tokens_BT, positions_BT, segments_BT, cache):
   return Decoder(cfg).apply(
     {"params": params}, tokens_BT, positions_BT, segments_BT.astype(jnp.int32), cache=cache
@@ -143,7 +158,7 @@ def prefill(
   """Left-padded prompts into a fresh cache of T + max_new_tokens slots -> the decode state."""
   b, t = prompt_BT.shape
   cache = init_cache(cfg, b, t + max_new_tokens)
-  positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+  positions_BT = _prompt_positions(mask_BT)
   logits_BTV, cache = _forward(params, cfg, prompt_BT, positions_BT, mask_BT, cache)
   v = logits_BTV.shape[-1] if sampling.penalized else 0
   seen_BV = jnp.zeros((b, v), bool)
@@ -226,23 +241,36 @@ def generate_tokens(
   on_chunk: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None,
   programs: tuple | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Prefill then decode -> (new tokens [B, N], lengths [B]), stop tokens included.
-
-  With `chunk`, decoding returns to the host every `chunk` tokens and calls
-  `on_chunk(tokens_BN, lengths_B)`, which may return a [B] bool array of rows to stop (stop
-  strings). `programs` are compiled (prefill, decode) from `compile_programs`.
-  """
+  """Prefill then decode (`run_decode`) -> (new tokens [B, N], lengths [B]), stop tokens
+  included. `programs` are compiled (prefill, decode) from `compile_programs`."""
   prefill_fn, decode_fn = programs or (
     lambda params, prompt_BT, mask_BT, rng: prefill(
       params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling
     ),
     lambda params, state, until, stop_ids: decode(params, cfg, state, until, stop_ids, sampling),
   )
-  stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-  state = prefill_fn(params, prompt_BT, mask_BT, rng)
   # One program in flight: XLA's in-process CPU collectives can deadlock when one device starts
   # the next program while another still runs the previous one.
-  jax.block_until_ready(state)
+  state = jax.block_until_ready(prefill_fn(params, prompt_BT, mask_BT, rng))
+  return run_decode(params, state, decode_fn, max_new_tokens, stop_ids, chunk, on_chunk)
+
+
+def run_decode(
+  params,
+  state: DecodeState,
+  decode_fn,
+  max_new_tokens: int,
+  stop_ids=(),
+  chunk: int = 0,
+  on_chunk: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes a prefilled state to the end -> (new tokens [B, N], lengths [B]).
+
+  With `chunk`, decoding returns to the host every `chunk` tokens and calls
+  `on_chunk(tokens_BN, lengths_B)`, which may return a [B] bool array of rows to stop (stop
+  strings).
+  """
+  stop = stop_array(stop_ids)
   while True:
     until = min(int(state.step) + (chunk or max_new_tokens), max_new_tokens)
     state = jax.block_until_ready(decode_fn(params, state, until, stop))
@@ -270,8 +298,7 @@ def compile_programs(params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampl
     mask_BT=mask_BT,
     rng=rng,
   )
-  stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-  decode_fn = decode.lower(params, cfg, state, 0, stop, sampling).compile()
+  decode_fn = decode.lower(params, cfg, state, 0, stop_array(stop_ids), sampling).compile()
   return prefill_fn, decode_fn
 
 
@@ -304,7 +331,7 @@ def beam_search(
   keep = max(2, 1 + stop_ids.shape[0]) * k
   repeat = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B * K, ...], beams of a row together
   cache = init_cache(cfg, b * k, t + n)
-  positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+  positions_BT = _prompt_positions(mask_BT)
   logits_BTV, cache = _forward(
     params, cfg, repeat(prompt_BT), repeat(positions_BT), repeat(mask_BT), cache
   )

@@ -22,7 +22,7 @@ from decoderjax import sharding as sharding_lib
 from decoderjax.experiment import Experiment
 from decoderjax.model import Decoder, count_params
 from decoderjax.optimizer import make_optimizer, make_schedule
-from decoderjax.sampling import SamplingConfig, generate_tokens
+from decoderjax.sampling import SamplingConfig, generate_tokens, new_tokens
 from decoderjax.steps import TrainState, eval_step, train_step
 
 
@@ -104,8 +104,7 @@ def sample_text(params, exp: Experiment, tokenizer, rng_seed: int) -> str:
     SamplingConfig(temperature=0.8),
     stop_ids,
   )
-  new_tokens = [int(t) for t in tokens[0, : int(lengths[0])] if int(t) not in stop_ids]
-  return prompt_text + tokenizer.decode(new_tokens)
+  return prompt_text + tokenizer.decode(new_tokens(tokens[0], int(lengths[0]), stop_ids))
 
 
 class _Preemption:
