@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from decoderjax.config import ModelConfig
-from decoderjax.layers import apply_rope, constrain, contract, dtype_of, output_init, param
+from decoderjax.layers import apply_rope, constrain, contract, dtype_of, lora, output_init, param
 
 Array = jax.Array
 
@@ -173,6 +173,9 @@ class Attention(nn.Module):
     def project(name, heads, axis):
       w_DXH = param(self, name, (d, heads, h), ("embed", axis, "head_dim")).astype(dtype)
       y = contract(x_BTD, w_DXH)  # BTD,DXH->BTXH
+      delta = lora(self, name, x_BTD, (d,), (heads, h), ("embed",), (axis, "head_dim"))
+      if delta is not None:
+        y += delta
       if bias:
         y += param(self, f"{name}_bias", (heads, h), (axis, "head_dim"), zeros).astype(dtype)[
           None, None
@@ -211,7 +214,11 @@ class Attention(nn.Module):
       )
 
     o_NHD = param(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), output_init(cfg))
-    y_BTD = contract(out_BTNH.astype(dtype), o_NHD.astype(dtype), 2, 2)  # BTNH,NHD->BTD
+    out_BTNH = out_BTNH.astype(dtype)
+    y_BTD = contract(out_BTNH, o_NHD.astype(dtype), 2, 2)  # BTNH,NHD->BTD
+    delta = lora(self, "o", out_BTNH, (n, h), (d,), ("q_heads", "head_dim"), ("embed",))
+    if delta is not None:
+      y_BTD += delta
     if cfg.use_bias:
       y_BTD += param(self, "o_bias", (d,), ("embed",), zeros).astype(dtype)[None, None]
     return y_BTD, new_kv

@@ -12,6 +12,7 @@ MLPS = ("gelu", "swiglu", "geglu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention", "splash")
+LORA_MODULES = ("q", "k", "v", "o", "up", "gate", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,13 @@ class ModelConfig:
   scan_layers: bool = True  # nn.scan over layers: compile time flat in depth
   remat: str = "none"  # one of REMATS: what the backward pass recomputes
   attention_impl: str = "auto"  # one of ATTENTION_IMPLS
+  # Fine-tuning structure (adapters.py): each adds parameters beside the base model's.
+  num_labels: int = 0  # > 0: a classification head replaces the LM head (logits [B, T, C])
+  lora_rank: int = 0  # > 0: low-rank adapters W + (alpha / rank) A B on `lora_targets`
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0  # dropout on the adapters' inputs
+  lora_targets: str = "q,k,v,o"  # comma-separated, of LORA_MODULES
+  prompt_tokens: int = 0  # > 0: this many learned soft-prompt vectors precede every row
 
   def __post_init__(self):
     def fail(field, message):
@@ -96,12 +104,29 @@ class ModelConfig:
     for field in ("embed_dropout", "attn_dropout", "resid_dropout"):
       if not 0.0 <= getattr(self, field) < 1.0:
         fail(field, f"must be in [0, 1), got {getattr(self, field)}")
+    for field in ("num_labels", "lora_rank", "prompt_tokens"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+        fail(field, f"must be a non-negative integer, got {getattr(self, field)!r}")
+    if self.num_labels == 1:
+      fail("num_labels", "a classifier needs at least 2 labels")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+    if self.lora_rank:
+      unknown = sorted(set(self.lora_target_set) - set(LORA_MODULES))
+      if unknown or not self.lora_target_set:
+        fail("lora_targets", f"{unknown or 'none'} match no module; choose from {LORA_MODULES}")
+      if self.mlp == "gelu" and "gate" in self.lora_target_set:
+        fail("lora_targets", "'gate' matches no module: a GELU MLP has no gate projection")
     if isinstance(self.rope_scaling, dict):  # accept plain dicts (JSON, ml_collections)
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
   @property
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
+
+  @property
+  def lora_target_set(self) -> tuple[str, ...]:
+    return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
   @property
   def head_size(self) -> int:

@@ -3,6 +3,10 @@
   python -m decoderjax.convert --from=hf --input=HF_DIR --output=MODEL_DIR [--dtype=bfloat16]
   python -m decoderjax.convert --from=gguf --input=FILE.gguf --output=MODEL_DIR
   python -m decoderjax.convert --to=hf --input=MODEL_DIR --output=HF_DIR
+  python -m decoderjax.convert --to=decoderjax --input=WORKDIR --output=MODEL_DIR
+
+--to=decoderjax writes a self-contained model directory from a training workdir or adapter
+directory: the best checkpoint's parameters, with LoRA adapters merged into the weights.
 
 HF_DIR is a Hugging Face model folder: config.json, safetensors weights (single or sharded),
 and tokenizer.json or tokenizer.model. The output is written to a temporary folder beside
@@ -25,7 +29,9 @@ from decoderjax import cli, ggufio, hf, modeldir
 from decoderjax.tokenizer import HFTokenizer, SentencePieceTokenizer
 
 _FROM = flags.DEFINE_enum("from", None, ["hf", "gguf"], "Source format (into a model directory).")
-_TO = flags.DEFINE_enum("to", None, ["hf"], "Target format (from a model directory).")
+_TO = flags.DEFINE_enum(
+  "to", None, ["hf", "decoderjax"], "Target format (from a model directory or workdir)."
+)
 _INPUT = flags.DEFINE_string("input", None, "Source checkpoint folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Model directory to write (must not exist).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
@@ -103,15 +109,7 @@ def _staged(output: str):
 
 def write_model_dir(source, output, cfg, params, tokenizer, generation) -> None:
   """Checks shapes against the config, then writes via a temporary folder and a rename."""
-  expected = modeldir.abstract_params(cfg)
-  for (path, got), want in zip(
-    jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected), strict=True
-  ):
-    if got.shape != want.shape:
-      raise ValueError(
-        f"{source}: tensor for {jax.tree_util.keystr(path)} has shape {got.shape}, "
-        f"the config implies {want.shape}"
-      )
+  modeldir.check_shapes(params, modeldir.abstract_params(cfg), source)
   with _staged(output) as staging:
     modeldir.save_model_dir(staging, cfg, jax.tree.map(np.asarray, params), tokenizer, generation)
 
@@ -120,8 +118,11 @@ def export_hf(source: str, output: str) -> None:
   """A model directory -> a Hugging Face folder `transformers` loads (safetensors, float32)."""
   from safetensors.numpy import save_file
 
-  model = modeldir.load_model_dir(source)
+  model = modeldir.load_model_dir(source)  # LoRA adapters merged
   cfg, tok = model.config, model.tokenizer
+  if cfg.num_labels or cfg.prompt_tokens:
+    kind = "a classifier" if cfg.num_labels else "a prompt-tuned model"
+    raise ValueError(f"{source}: {kind} has no Hugging Face causal-LM form")
   config = hf.config_to_hf(cfg)
   if tok.kind not in ("hf", "sentencepiece"):
     raise ValueError(
@@ -144,16 +145,27 @@ def export_hf(source: str, output: str) -> None:
       json.dump({"chat_template": template} if template else {}, f, indent=2)
 
 
+def export_model_dir(source: str, output: str) -> None:
+  """A workdir or adapter directory -> a standalone model directory (LoRA merged)."""
+  model = modeldir.load_model_dir(source)
+  extra = {"labels": model.labels}
+  with _staged(output) as staging:
+    modeldir.write_metadata(staging, model.config, model.tokenizer, model.generation, extra)
+    modeldir.save_params(staging, model.params)
+
+
 def main(argv):
   del argv
   if (_FROM.value is None) == (_TO.value is None):
-    raise ValueError("give exactly one of --from=hf (into decoderjax) or --to=hf (out of it)")
+    raise ValueError("give exactly one of --from=hf|gguf (into decoderjax) or --to=hf|decoderjax")
   if os.path.exists(_OUTPUT.value):
     raise ValueError(f"--output={_OUTPUT.value} already exists")
   if _FROM.value == "hf":
     convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
   elif _FROM.value == "gguf":
     convert_gguf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
+  elif _TO.value == "decoderjax":
+    export_model_dir(_INPUT.value, _OUTPUT.value)
   else:
     export_hf(_INPUT.value, _OUTPUT.value)
   print(f"wrote {_OUTPUT.value}")

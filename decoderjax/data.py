@@ -10,6 +10,7 @@ step resumes the input pipeline exactly, with no iterator state to lose.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -37,6 +38,19 @@ class DataConfig:
   seq_len: int = 256
   val_fraction: float = 0.1
   seed: int = 0
+  # Fine-tuning tasks (tasks.py): lm (a token stream), sft (instruction tuning) or classify.
+  task: str = "lm"
+  prompt_field: str = "prompt"  # sft: {"prompt", "completion"} records ...
+  completion_field: str = "completion"
+  messages_field: str = "messages"  # ... or chat {"messages": [{"role", "content"}, ...]}
+  pack: bool = True  # sft: several whole examples per row (never split across rows)
+  label_field: str = "label"  # classify: records {"text", "label"} (JSONL or CSV)
+  labels: str = ""  # classify: comma-separated label names; empty: the training data's labels
+  # Text augmentation of training inputs (targets unchanged); all off by default.
+  token_dropout: float = 0.0  # probability an input token becomes the mask id
+  random_replace: float = 0.0  # probability an input token becomes a random token
+  span_mask: float = 0.0  # probability a masked span starts at a token
+  span_length: int = 3  # mean length of masked spans
 
 
 def _read_files(pattern: str, field: str) -> list[str]:
@@ -92,9 +106,25 @@ def tokenize_stream(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
 
 @dataclasses.dataclass
 class Dataset:
+  """A token stream split into training and validation tokens (the "lm" task)."""
+
   tokenizer: Tokenizer
   train_tokens: np.ndarray
   val_tokens: np.ndarray
+  config: DataConfig
+  task: str = "lm"
+  label_names: list[str] | None = None
+
+  def train_batches(self, batch_size: int, seed: int, rows: slice | None = None) -> Batches:
+    eos, noise = self.tokenizer.eos_id, augmenter(self.config, self.tokenizer)
+    return Batches(self.train_tokens, self.config.seq_len, batch_size, seed, eos, rows, noise)
+
+  def eval_batches(self, batch_size: int, max_batches: int = 0):
+    eos = self.tokenizer.eos_id
+    return eval_batches(self.val_tokens, self.config.seq_len, batch_size, eos, max_batches)
+
+  def describe(self) -> str:
+    return f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens"
 
 
 def load_dataset(cfg: DataConfig, cache_dir: str, tokenizer: Tokenizer | None = None) -> Dataset:
@@ -127,7 +157,74 @@ def load_dataset(cfg: DataConfig, cache_dir: str, tokenizer: Tokenizer | None = 
         f"the {name} split has {len(tokens)} tokens, "
         f"fewer than data.seq_len + 1 = {cfg.seq_len + 1}"
       )
-  return Dataset(tokenizer, train, val)
+  return Dataset(tokenizer, train, val, cfg)
+
+
+# Augmentation of training inputs (any task).
+
+AUGMENTATIONS = ("token_dropout", "random_replace", "span_mask")
+
+
+def check_augmentation(cfg: DataConfig) -> None:
+  for name in AUGMENTATIONS:
+    p = getattr(cfg, name)
+    if not 0 <= p < 1:
+      raise ValueError(f"data.{name} must be in [0, 1), got {p}")
+  if cfg.span_mask and cfg.span_length < 1:
+    raise ValueError(f"data.span_length must be >= 1, got {cfg.span_length}")
+
+
+def augment(
+  inputs_BT: np.ndarray,
+  segment_ids_BT: np.ndarray,
+  rng: np.random.Generator,
+  cfg: DataConfig,
+  vocab_size: int,
+  mask_id: int,
+) -> np.ndarray:
+  """Noised inputs: token dropout, random replacement, then span masking, on real tokens only."""
+  check_augmentation(cfg)
+  real_BT = segment_ids_BT != 0
+  out_BT = inputs_BT.copy()
+  if cfg.token_dropout:
+    out_BT[real_BT & (rng.random(out_BT.shape) < cfg.token_dropout)] = mask_id
+  if cfg.random_replace:
+    replace_BT = real_BT & (rng.random(out_BT.shape) < cfg.random_replace)
+    out_BT[replace_BT] = rng.integers(0, vocab_size, int(replace_BT.sum()))
+  if cfg.span_mask:
+    out_BT[real_BT & _spans(out_BT.shape, rng, cfg.span_mask, cfg.span_length)] = mask_id
+  return out_BT
+
+
+def _spans(shape, rng, p: float, mean_length: int) -> np.ndarray:
+  """[B, T] mask of spans: one starts at each position with probability p, geometric lengths."""
+  b, t = shape
+  rows, starts = np.nonzero(rng.random(shape) < p)
+  ends = np.minimum(starts + rng.geometric(1 / mean_length, len(starts)), t)
+  edges_BT = np.zeros((b, t + 1), np.int32)
+  np.add.at(edges_BT, (rows, starts), 1)
+  np.add.at(edges_BT, (rows, ends), -1)
+  return np.cumsum(edges_BT[:, :t], axis=1) > 0
+
+
+def augmenter(cfg: DataConfig, tokenizer: Tokenizer):
+  """`noise(inputs_BT, segment_ids_BT, rng) -> inputs_BT` as the config asks; None when off."""
+  if not any(getattr(cfg, name) for name in AUGMENTATIONS):
+    return None
+  check_augmentation(cfg)
+  mask_id = 0 if tokenizer.eos_id is None else tokenizer.eos_id
+  return functools.partial(augment, cfg=cfg, vocab_size=tokenizer.vocab_size, mask_id=mask_id)
+
+
+def add_noise(batch: dict, noise, seed: int, step: int, global_rows) -> dict:
+  """Augments each row from (seed, step, its row of the global batch): hosts agree."""
+  if noise is None:
+    return batch
+  for r, row in enumerate(global_rows):
+    rng = np.random.default_rng([seed, step, row])
+    one = slice(r, r + 1)
+    batch["inputs"][one] = noise(batch["inputs"][one], batch["segment_ids"][one], rng)
+  return batch
 
 
 def pack_window(window: np.ndarray, eos_id: int | None) -> dict[str, np.ndarray]:
@@ -159,9 +256,11 @@ class Batches:
   random order. `rows` selects this host's rows of the global batch.
   """
 
-  def __init__(self, tokens, seq_len, batch_size, seed, eos_id, rows: slice | None = None):
+  def __init__(
+    self, tokens, seq_len, batch_size, seed, eos_id, rows: slice | None = None, noise=None
+  ):
     self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
-    self.seed, self.eos_id = seed, eos_id
+    self.seed, self.eos_id, self.noise = seed, eos_id, noise
     self.rows = rows or slice(0, batch_size)  # this host's rows of the global batch
     self.windows_per_epoch = (len(tokens) - 1 - seq_len) // seq_len  # leaves room for any offset
     self._orders = {}  # the permutations of the current and previous epoch
@@ -182,7 +281,8 @@ class Batches:
       offset, order = self._orders[epoch]
       starts.append(offset + order[i] * self.seq_len)
     window = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts])
-    return pack_window(window, self.eos_id)
+    batch = pack_window(window, self.eos_id)
+    return add_noise(batch, self.noise, self.seed, step, range(self.batch_size)[self.rows])
 
 
 def eval_batches(tokens, seq_len, batch_size, eos_id, max_batches=0):

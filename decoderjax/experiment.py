@@ -7,6 +7,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from decoderjax.adapters import FinetuneConfig, finetuned_config
 from decoderjax.config import ModelConfig, get_preset
 from decoderjax.data import DataConfig
 from decoderjax.optimizer import OptimizerConfig
@@ -33,6 +34,12 @@ class TrainConfig:
   sample_tokens: int = 200
   on_nonfinite: str = "stop"  # stop (keep the last good checkpoint) or skip the step
   peak_flops: float = 0.0  # per device, for MFU; 0 measures a matmul on CPU / uses a table
+  # The validation metric that picks the best checkpoint: val_loss (lower is better), or for
+  # classifiers val_accuracy / val_macro_f1 (higher is better).
+  best_metric: str = "val_loss"
+  # Stop after this many evaluations without a better best_metric (0: never); the best
+  # checkpoint is then restored and is what the workdir's model directory serves.
+  early_stopping_patience: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,7 @@ class EvalConfig:
   every_steps: int = 250  # 0: only at the end
   max_batches: int = 0  # 0: the whole validation split
   batch_size: int = 0  # 0: train.batch_size
+  at_start: bool = False  # also evaluate before the first step (a fine-tune's base, logged at 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +68,8 @@ class Experiment:
   eval: EvalConfig
   checkpoint: CheckpointConfig
   mesh: MeshConfig = MeshConfig()
+  finetune: FinetuneConfig = FinetuneConfig()
+  init_from: str = ""  # a model directory whose parameters start the run (fine-tuning)
 
 
 def model_section(preset: str | None = None, **overrides) -> ml_collections.ConfigDict:
@@ -87,11 +97,32 @@ def base_config(preset: str | None = None, **model_overrides) -> ml_collections.
     ("eval", EvalConfig),
     ("checkpoint", CheckpointConfig),
     ("mesh", MeshConfig),
+    ("finetune", FinetuneConfig),
   ):
     values = {f.name: f.default for f in dataclasses.fields(cls)}
     values.pop("skip_nonfinite", None)  # derived from train.on_nonfinite
     values.pop("rules", None)  # the default logical-axis rules unless a config sets mesh.rules
     config[name] = ml_collections.ConfigDict(values)
+  config.init_from = ""
+  return config
+
+
+def finetune_base_config(method: str = "full", task: str = "lm") -> ml_collections.ConfigDict:
+  """A fine-tuning config: the model comes from --config.init_from=MODEL_DIR, so no `model`
+  section; fine-tuning defaults (learning rate two orders below pretraining, short warmup)."""
+  config = base_config()
+  del config["model"]
+  config.finetune.method = method
+  config.data.update(source="jsonl", task=task, seq_len=256)
+  config.optimizer.update(
+    learning_rate=1e-4 if method == "full" else 1e-3,
+    end_learning_rate=1e-5 if method == "full" else 1e-4,
+    warmup_steps=20,
+    weight_decay=0.01,
+  )
+  config.train.update(steps=300, batch_size=8, log_every=20)
+  config.eval.update(every_steps=50, max_batches=0, at_start=True)
+  config.checkpoint.update(every_steps=50, keep=1)
   return config
 
 
@@ -108,8 +139,17 @@ def data_config(config: ml_collections.ConfigDict) -> DataConfig:
   return _section(DataConfig, config.get("data"), "data")
 
 
-def experiment_from_config(config: ml_collections.ConfigDict, vocab_size: int) -> Experiment:
-  """Builds the frozen experiment; `vocab_size` (the tokenizer's) fills model.vocab_size=0."""
+def experiment_from_config(
+  config: ml_collections.ConfigDict,
+  vocab_size: int,
+  base: ModelConfig | None = None,
+  num_labels: int = 0,
+) -> Experiment:
+  """Builds the frozen experiment; `vocab_size` (the tokenizer's) fills model.vocab_size=0.
+
+  With `base` (the init_from model's config) the model is the base plus the fine-tuning
+  method's structure; `num_labels` makes it a classifier.
+  """
   allowed = {
     "model",
     "data",
@@ -119,20 +159,42 @@ def experiment_from_config(config: ml_collections.ConfigDict, vocab_size: int) -
     "eval",
     "checkpoint",
     "mesh",
+    "finetune",
     "init_from",
   }
   unknown = sorted(set(config.keys()) - allowed)
   if unknown:
     raise ValueError(f"config: unknown section(s) {unknown}")
-  model = config.model.to_dict()
-  if model.get("vocab_size", 0) == 0:
-    model["vocab_size"] = vocab_size
+  finetune = _section(FinetuneConfig, config.get("finetune"), "finetune")
+  init_from = config.get("init_from", "")
+  if base is not None:
+    if "model" in config:
+      raise ValueError(
+        "config.model: with init_from the model comes from the base model directory; "
+        "use a config without a model section (configs/finetune_*.py)"
+      )
+    model = finetuned_config(base, finetune, num_labels)
+  else:
+    if "model" not in config:
+      raise ValueError("config: no model section; a fine-tuning config needs --config.init_from")
+    if finetune.method != "full":
+      raise ValueError(f"finetune.method={finetune.method!r} needs --config.init_from=MODEL_DIR")
+    values = config.model.to_dict()
+    if values.get("vocab_size", 0) == 0:
+      values["vocab_size"] = vocab_size
+    model = ModelConfig.from_dict({**values, "num_labels": num_labels})
   train = _section(TrainConfig, config.get("train"), "train")
+  metrics = ("val_loss", "val_accuracy", "val_macro_f1")
+  if train.best_metric not in metrics or (train.best_metric != "val_loss" and not num_labels):
+    raise ValueError(
+      f"train.best_metric must be one of {metrics} (accuracy and F1 for classifiers), "
+      f"got {train.best_metric!r}"
+    )
   if train.on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {train.on_nonfinite!r}")
   loss = _section(LossConfig, config.get("loss"), "loss")
   return Experiment(
-    model=ModelConfig.from_dict(model),
+    model=model,
     data=data_config(config),
     optimizer=_section(OptimizerConfig, config.get("optimizer"), "optimizer"),
     loss=dataclasses.replace(loss, skip_nonfinite=train.on_nonfinite == "skip"),
@@ -140,4 +202,6 @@ def experiment_from_config(config: ml_collections.ConfigDict, vocab_size: int) -
     eval=_section(EvalConfig, config.get("eval"), "eval"),
     checkpoint=_section(CheckpointConfig, config.get("checkpoint"), "checkpoint"),
     mesh=_section(MeshConfig, config.get("mesh"), "mesh"),
+    finetune=finetune,
+    init_from=init_from,
   )

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from decoderjax import cli, modeldir, sampling, sharding
+from decoderjax import cli, modeldir, sampling, sharding, tasks
 from decoderjax.sampling import SamplingConfig
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
@@ -49,28 +49,6 @@ _MESH = cli.define_mesh_flags()
 flags.mark_flag_as_required("checkpoint")
 
 STREAM_CHUNK = 8  # tokens per trip to the host while streaming or watching stop strings
-
-
-def render_chat(template: str, messages: list[dict], tok) -> str:
-  """A conversation through a Jinja chat template (as transformers renders them)."""
-  import jinja2.sandbox
-
-  def special(token_id):
-    if token_id is None:
-      return ""
-    return tok.tok.id_to_token(token_id) if tok.kind == "hf" else tok.decode([token_id])
-
-  def raise_exception(message):
-    raise ValueError(f"chat template: {message}")
-
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-  env.globals["raise_exception"] = raise_exception
-  return env.from_string(template).render(
-    messages=messages,
-    add_generation_prompt=True,
-    bos_token=special(tok.bos_id),
-    eos_token=special(tok.eos_id),
-  )
 
 
 def read_prompts() -> list[str]:
@@ -132,18 +110,20 @@ class Generator:
   def check_length(self, encoded: list[list[int]]) -> None:
     if any(not e for e in encoded):
       raise ValueError("empty prompt: every prompt needs at least one token")
-    longest = max(map(len, encoded)) + self.max_new
-    if longest > self.model.config.max_seq_len:
+    cfg = self.model.config
+    longest = max(map(len, encoded)) + self.max_new + cfg.prompt_tokens
+    if longest > cfg.max_seq_len:
+      soft = f" (with {cfg.prompt_tokens} soft-prompt slots)" if cfg.prompt_tokens else ""
       raise ValueError(
-        f"prompt plus max_new_tokens is {longest} tokens, over the model's context "
-        f"max_seq_len={self.model.config.max_seq_len}"
+        f"prompt plus max_new_tokens is {longest} tokens{soft}, over the model's context "
+        f"max_seq_len={cfg.max_seq_len}"
       )
 
   def __call__(self, encoded: list[list[int]], stream) -> tuple[list[dict], dict]:
     """Token lists -> ([{"text", "tokens"}], timings); `stream(text)` prints as rows go."""
     self.check_length(encoded)
     cfg, params = self.model.config, self.model.params
-    room = cfg.max_seq_len - self.max_new
+    room = cfg.max_seq_len - self.max_new - cfg.prompt_tokens
     tokens, mask = sampling.left_pad(encoded, sampling.bucket_length(max(map(len, encoded)), room))
     self.rng, rng = jax.random.split(self.rng)
     key = tokens.shape
@@ -286,7 +266,8 @@ def main(argv):
       )
     if _CHAT.value:
       encoded = [
-        tok.encode(render_chat(template, [{"role": "user", "content": p}], tok)) for p in prompts
+        tok.encode(tasks.render_chat(template, [{"role": "user", "content": p}], tok))
+        for p in prompts
       ]
     else:
       encoded = [tok.encode(p) for p in prompts]
@@ -314,7 +295,7 @@ def interactive(generator: Generator, tok, template: str | None) -> None:
       print()
       return
     messages.append({"role": "user", "content": line.rstrip("\n")})
-    text = render_chat(template, messages, tok) if template else line.rstrip("\n")
+    text = tasks.render_chat(template, messages, tok) if template else line.rstrip("\n")
     try:
       results, timings = generator([tok.encode(text)], write_out if _STREAM.value else None)
     except ValueError as e:  # e.g. the chat outgrew the context: say so, keep the loop

@@ -44,6 +44,24 @@ def contract(x: Array, w: Array, x_axes: int = 1, w_axes: int = 1) -> Array:
   return y.reshape(*lead, *kept)
 
 
+def lora(module: nn.Module, name: str, x: Array, in_dims, out_dims, in_axes, out_axes):
+  """The low-rank update (alpha / rank) x A B of projection `name`; None where not adapted.
+
+  A [*in, r] starts random and B [r, *out] at zero, so an adapted model starts as its base.
+  """
+  cfg = module.config
+  if not cfg.lora_rank or name not in cfg.lora_target_set:
+    return None
+  r, dtype = cfg.lora_rank, dtype_of(cfg.dtype)
+  a_init = nn.initializers.normal(stddev=1.0 / math.sqrt(math.prod(in_dims)))
+  a = param(module, f"{name}_lora_a", (*in_dims, r), (*in_axes, None), a_init)
+  b = param(module, f"{name}_lora_b", (r, *out_dims), (None, *out_axes), nn.initializers.zeros)
+  if cfg.lora_dropout:
+    x = nn.Dropout(cfg.lora_dropout)(x, deterministic=module.deterministic)
+  h = contract(x, a.astype(dtype), len(in_dims), len(in_dims))  # [..., r]
+  return contract(h, b.astype(dtype)) * jnp.asarray(cfg.lora_alpha / r, dtype)
+
+
 def output_init(cfg: ModelConfig):
   """GPT-2 style: projections into the residual stream start smaller in deeper models."""
   return nn.initializers.normal(stddev=cfg.init_std / math.sqrt(2 * cfg.num_layers))
@@ -117,6 +135,7 @@ class Mlp(nn.Module):
   """GELU MLP (GPT-2) or gated SwiGLU / GeGLU (Llama / Gemma)."""
 
   config: ModelConfig
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_BTD: Array) -> Array:
@@ -124,8 +143,14 @@ class Mlp(nn.Module):
     dtype = dtype_of(cfg.dtype)
     d, f = cfg.embed_dim, cfg.mlp_dim
     x_BTD = x_BTD.astype(dtype)
+
+    def project(name, x, w, in_axis, out_axis):  # x @ w, plus its LoRA update if adapted
+      y = contract(x, w)
+      delta = lora(self, name, x, w.shape[:1], w.shape[1:], (in_axis,), (out_axis,))
+      return y if delta is None else y + delta
+
     up_DF = param(self, "up", (d, f), ("embed", "mlp")).astype(dtype)
-    h_BTF = contract(x_BTD, up_DF)  # BTD,DF->BTF
+    h_BTF = project("up", x_BTD, up_DF, "embed", "mlp")  # BTD,DF->BTF
     if cfg.use_bias:
       h_BTF += param(self, "up_bias", (f,), ("mlp",), nn.initializers.zeros).astype(dtype)[
         None, None
@@ -134,12 +159,12 @@ class Mlp(nn.Module):
       h_BTF = nn.gelu(h_BTF, approximate=True)
     else:
       gate_DF = param(self, "gate", (d, f), ("embed", "mlp")).astype(dtype)
-      g_BTF = contract(x_BTD, gate_DF)  # BTD,DF->BTF
+      g_BTF = project("gate", x_BTD, gate_DF, "embed", "mlp")  # BTD,DF->BTF
       act = nn.silu if cfg.mlp == "swiglu" else lambda g: nn.gelu(g, approximate=True)
       h_BTF = act(g_BTF) * h_BTF
     h_BTF = constrain(h_BTF, ("activation_batch", "activation_length", "activation_mlp"))
     down_FD = param(self, "down", (f, d), ("mlp", "embed"), output_init(cfg)).astype(dtype)
-    y_BTD = contract(h_BTF, down_FD)  # BTF,FD->BTD
+    y_BTD = project("down", h_BTF, down_FD, "mlp", "embed")  # BTF,FD->BTD
     if cfg.use_bias:
       y_BTD += param(self, "down_bias", (d,), ("embed",), nn.initializers.zeros).astype(dtype)[
         None, None

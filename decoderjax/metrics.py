@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from decoderjax.config import ModelConfig
 
@@ -53,6 +54,19 @@ def peak_flops(dtype: str = "float32") -> float:
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n**3 / best
+
+
+def classification_metrics(predictions_N, labels_N, num_labels: int) -> dict[str, float]:
+  """Accuracy and macro-F1 (the mean over labels of per-label F1; a label never predicted nor
+  present scores 0, as scikit-learn's default `zero_division` does)."""
+  predictions_N, labels_N = np.asarray(predictions_N), np.asarray(labels_N)
+  f1 = []
+  for c in range(num_labels):
+    tp = np.sum((predictions_N == c) & (labels_N == c))
+    predicted, actual = np.sum(predictions_N == c), np.sum(labels_N == c)
+    f1.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
+  accuracy = float(np.mean(predictions_N == labels_N)) if len(labels_N) else 0.0
+  return {"accuracy": accuracy, "macro_f1": float(np.mean(f1)), "examples": int(len(labels_N))}
 
 
 class Logger:

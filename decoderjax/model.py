@@ -77,7 +77,7 @@ class Block(nn.Module):
       )
       x_BTD += nn.Dropout(cfg.resid_dropout)(h_BTD, deterministic=self.deterministic)
     with jax.named_scope("mlp"):
-      h_BTD = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BTD))
+      h_BTD = Mlp(cfg, self.deterministic, name="mlp")(Norm(cfg, name="mlp_norm")(x_BTD))
       x_BTD += nn.Dropout(cfg.resid_dropout)(h_BTD, deterministic=self.deterministic)
     x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
     return x_BTD, new_kv
@@ -97,18 +97,28 @@ class Decoder(nn.Module):
     cache: KVCache | None = None,
     deterministic: bool = True,
     return_hidden: bool = False,
+    start: bool = False,
+    embed_delta_BTD: Array | None = None,
   ):
     """Returns (logits [B, T, V] float32, updated cache or None).
 
     Without a cache, `segment_ids_BT` (0 = padding) keeps packed documents apart and positions
     restart per document. With a cache, the tokens are written at `cache.index` and attend to
-    every earlier slot of the same segment; `return_hidden` returns final hidden states instead.
+    every earlier slot of the same segment; `start` marks the first call of a sequence (where a
+    soft prompt goes). `return_hidden` returns final hidden states instead of logits;
+    `embed_delta_BTD` is added to the token embeddings (adversarial training). A classifier
+    (`num_labels`) returns class logits [B, T, C] at every position.
     """
     cfg = self.config
     dtype = dtype_of(cfg.dtype)
     b, t = tokens_BT.shape
-    if t > cfg.max_seq_len:
-      raise ValueError(f"sequence length {t} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+    p = cfg.prompt_tokens
+    prepend = p > 0 and (cache is None or start)
+    if t + (p if prepend else 0) > cfg.max_seq_len:
+      soft = f" plus {p} soft-prompt tokens" if prepend else ""
+      raise ValueError(
+        f"sequence length {t}{soft} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}"
+      )
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((b, t), jnp.int32)
     if positions_BT is None:
@@ -121,6 +131,24 @@ class Decoder(nn.Module):
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
     if cfg.embed_scale:
       x_BTD *= jnp.asarray(cfg.embed_dim**0.5, dtype)
+    if embed_delta_BTD is not None:
+      x_BTD += embed_delta_BTD.astype(dtype)
+    if p:  # text positions follow the soft prompt's, in every call
+      positions_BT = positions_BT + p
+    if prepend:  # the soft prompt takes the first p slots of every row
+      prompt_PD = param(self, "soft_prompt", (p, cfg.embed_dim), (None, "embed"))
+      x_BTD = jnp.concatenate(
+        [jnp.broadcast_to(prompt_PD.astype(dtype)[None], (b, p, cfg.embed_dim)), x_BTD], axis=1
+      )
+      positions_BT = jnp.concatenate(
+        [jnp.broadcast_to(jnp.arange(p)[None], (b, p)), positions_BT], axis=1
+      )
+      # Generation rows hold one sequence (segment 1); packed training rows see the prompt below.
+      prompt_segment = 1 if cache is not None else 0
+      segment_ids_BT = jnp.concatenate(
+        [jnp.full((b, p), prompt_segment, segment_ids_BT.dtype), segment_ids_BT], axis=1
+      )
+      t += p
     if cfg.position == "learned":
       table = param(self, "position_embedding", (cfg.max_seq_len, cfg.embed_dim), (None, "embed"))
       x_BTD += jnp.take(table, positions_BT, axis=0).astype(dtype)
@@ -131,7 +159,7 @@ class Decoder(nn.Module):
 
     q_slot_T = jnp.arange(t)
     dropout_active = cfg.attn_dropout > 0 and not deterministic
-    if cache is None and resolve_impl(cfg, dropout_active, t) == "splash":
+    if cache is None and not p and resolve_impl(cfg, dropout_active, t) == "splash":
       kv, index, mask_BTS = None, None, None  # the kernel masks by segment ids itself
     elif cache is None:
       kv, index = None, None
@@ -144,6 +172,9 @@ class Decoder(nn.Module):
         q_slot_T,
         cfg.sliding_window,
       )
+      if prepend:  # every packed document sees the soft prompt (causally, as prompt slots do)
+        prompt_S = (q_slot_T < p)[None, None, :]
+        mask_BTS |= (q_slot_T[None, :, None] >= q_slot_T[None, None, :]) & prompt_S
     else:  # attend to the cache's earlier slots and to the new tokens; write those after
       index = cache.index
       segment_ids_BT = segment_ids_BT.astype(jnp.int32)
@@ -197,8 +228,17 @@ class Decoder(nn.Module):
         position=write(cache.position, positions_BT, 1),
         index=index + t,
       )
+    if prepend:  # outputs of the text tokens only
+      x_BTD = x_BTD[:, p:]
     if return_hidden:
       return x_BTD, new_cache
+    if cfg.num_labels:  # a classifier: class logits at every position (pooled by the caller)
+      head_DC = param(self, "cls_head", (cfg.embed_dim, cfg.num_labels), ("embed", None))
+      bias_C = param(self, "cls_head_bias", (cfg.num_labels,), (None,), nn.initializers.zeros)
+      logits_BTC = jnp.einsum(
+        "BTD,DC->BTC", x_BTD, head_DC.astype(dtype), preferred_element_type=jnp.float32
+      )
+      return logits_BTC + bias_C.astype(jnp.float32)[None, None], new_cache
     if cfg.tie_embeddings:  # contracted as stored: a transposed copy of the table costs a step
       logits_BTV = jnp.einsum(
         "BTD,VD->BTV", x_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32

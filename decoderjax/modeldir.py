@@ -1,10 +1,15 @@
 """The model directory: everything a tool needs to use a model, so `--checkpoint=DIR` suffices.
 
-DIR/config.json        {"format": "decoderjax", "version": 1, "model": {ModelConfig fields}}
+DIR/config.json        {"format": "decoderjax", "version": 1, "model": {ModelConfig fields},
+                        optional "labels": [classifier label names], and for adapters
+                        (lora, prompt) "base": the base model directory, "method": the method}
 DIR/generation.json    generation defaults (temperature, top_k, top_p, max_new_tokens, ...)
 DIR/tokenizer/         the tokenizer (see tokenizer.py)
 DIR/params/            Orbax checkpoint of the parameters (exported or converted models), or
 DIR/checkpoints/       Orbax CheckpointManager steps (a training workdir): best, else latest
+
+A directory with a "base" holds only the adapters' parameters (small); loading it reads the
+base model's parameters and adds the adapters (merging LoRA into the weights by default).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from decoderjax import adapters
 from decoderjax import sharding as sharding_lib
 from decoderjax.config import ModelConfig
 from decoderjax.model import Decoder
@@ -28,7 +34,7 @@ GENERATION_FILE = "generation.json"
 TOKENIZER_DIR = "tokenizer"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
-BEST_METRIC = "val_loss"
+BEST_METRIC = "objective"  # what the best checkpoint minimizes (val_loss, or -accuracy, ...)
 
 DEFAULT_GENERATION = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_new_tokens": 256}
 
@@ -39,12 +45,19 @@ class ModelDir:
   params: dict
   tokenizer: Tokenizer
   generation: dict
+  labels: list[str] | None = None  # a classifier's label names
 
 
-def write_metadata(directory: str, cfg: ModelConfig, tokenizer: Tokenizer, generation=None):
-  """Writes config, tokenizer and generation defaults (what a model needs beside its params)."""
+def write_metadata(
+  directory: str, cfg: ModelConfig, tokenizer: Tokenizer, generation=None, extra=None
+):
+  """Writes config, tokenizer and generation defaults (what a model needs beside its params).
+
+  `extra`: more config.json entries ("labels", "base", "method").
+  """
   os.makedirs(directory, exist_ok=True)
   config = {"format": "decoderjax", "version": FORMAT_VERSION, "model": cfg.to_dict()}
+  config.update({k: v for k, v in (extra or {}).items() if v})
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   tokenizer.save(os.path.join(directory, TOKENIZER_DIR))
@@ -52,7 +65,8 @@ def write_metadata(directory: str, cfg: ModelConfig, tokenizer: Tokenizer, gener
     json.dump({**DEFAULT_GENERATION, "eos_id": tokenizer.eos_id, **(generation or {})}, f, indent=2)
 
 
-def read_config(directory: str) -> ModelConfig:
+def read_metadata(directory: str) -> dict:
+  """config.json of a model directory, checked ("model" parsed into a ModelConfig)."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{directory} is not a decoderjax model directory (no {CONFIG_FILE})")
@@ -60,7 +74,20 @@ def read_config(directory: str) -> ModelConfig:
     config = json.load(f)
   if config.get("format") != "decoderjax" or "model" not in config:
     raise ValueError(f"{path} is not a decoderjax model config")
-  return ModelConfig.from_dict(config["model"])
+  return {**config, "model": ModelConfig.from_dict(config["model"])}
+
+
+def read_generation(directory: str) -> dict:
+  """generation.json (sampling defaults, stop ids, chat template); {} when absent."""
+  path = os.path.join(directory, GENERATION_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_config(directory: str) -> ModelConfig:
+  return read_metadata(directory)["model"]
 
 
 def abstract_params(cfg: ModelConfig, mesh=None, rules=sharding_lib.DEFAULT_RULES):
@@ -104,12 +131,49 @@ def checkpoint_manager(directory: str, keep: int = 3, keep_best: bool = True, re
   )
 
 
-def load_params(directory: str, cfg: ModelConfig, mesh=None, step: int | None = None):
+def load_params(directory: str, cfg: ModelConfig, mesh=None, step: int | None = None, rules=None):
   """Parameters of a model directory: `params/`, else the best (or latest) training step.
 
-  With a mesh, each parameter is restored directly into its sharding (resharding on load).
+  With a mesh, each parameter is restored directly into its sharding (resharding on load). An
+  adapter directory's own parameters are combined with its base model's.
   """
-  target = abstract_params(cfg, mesh)
+  rules = rules or sharding_lib.DEFAULT_RULES
+  meta = read_metadata(directory)
+  target = abstract_params(cfg, mesh, rules)
+  if meta.get("base"):
+    target, frozen = adapters.split_trainable(target, meta["method"])
+  params = _restore(directory, target, step)
+  if meta.get("base"):
+    base = load_base(meta["base"], frozen, mesh, rules)
+    params = adapters.combine(params, base)
+  return params
+
+
+def load_base(directory: str, like, mesh=None, rules=None) -> dict:
+  """The parameters of base model `directory` that the tree `like` has (a fine-tune's base)."""
+  base = load_params(directory, read_config(directory), mesh, rules=rules)
+  kept, _ = adapters.partition_like(base, like)
+  _, missing = adapters.partition_like(like, kept)
+  if missing:
+    path = jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(missing)[0][0][0])
+    raise ValueError(f"base model {directory} has no parameter {path}")
+  check_shapes(kept, like, f"base model {directory}", "the fine-tuned model expects")
+  return kept
+
+
+def check_shapes(params, expected, source: str, wanted: str = "the config implies") -> None:
+  """Every array of `params` has the shape of its counterpart in `expected` (same structure)."""
+  for (path, got), want in zip(
+    jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected), strict=True
+  ):
+    if got.shape != want.shape:
+      raise ValueError(
+        f"{source}: tensor for {jax.tree_util.keystr(path)} has shape {got.shape}, "
+        f"{wanted} {want.shape}"
+      )
+
+
+def _restore(directory: str, target, step: int | None):
   params_path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
   if os.path.isdir(params_path) and step is None:
     with ocp.StandardCheckpointer() as ckptr:
@@ -127,17 +191,18 @@ def load_params(directory: str, cfg: ModelConfig, mesh=None, step: int | None = 
   return restored["params"]
 
 
-def load_model_dir(directory: str, mesh=None) -> ModelDir:
-  cfg = read_config(directory)
+def load_model_dir(directory: str, mesh=None, merge_lora: bool = True) -> ModelDir:
+  """Everything a tool needs; LoRA adapters are merged into the weights unless told not to."""
+  meta = read_metadata(directory)
+  cfg = meta["model"]
   tokenizer = load_tokenizer(os.path.join(directory, TOKENIZER_DIR))
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(
       f"{directory}: tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's "
       f"vocab_size {cfg.vocab_size}"
     )
-  generation = dict(DEFAULT_GENERATION)
-  path = os.path.join(directory, GENERATION_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      generation.update(json.load(f))
-  return ModelDir(cfg, load_params(directory, cfg, mesh), tokenizer, generation)
+  generation = {**DEFAULT_GENERATION, **read_generation(directory)}
+  params = load_params(directory, cfg, mesh)
+  if merge_lora:
+    params, cfg = adapters.merge_lora(params, cfg)
+  return ModelDir(cfg, params, tokenizer, generation, meta.get("labels"))

@@ -59,7 +59,7 @@ def decay_mask(cfg: OptimizerConfig, params):
 
   def decays(path, leaf) -> bool:
     name = [str(p.key) for p in path if hasattr(p, "key")][-1]  # skips nn.Partitioned boxes
-    if name in ("embedding", "position_embedding", "head"):
+    if name in ("embedding", "position_embedding", "head", "soft_prompt"):
       return cfg.decay_embeddings
     if name == "scale" or name == "bias" or name.endswith("_bias"):
       return cfg.decay_norms_and_biases

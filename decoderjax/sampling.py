@@ -138,9 +138,14 @@ def _prompt_positions(mask_BT: Array) -> Array:
   return jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
 
 
-def _forward(params, cfg, tokens_BT, positions_BT, segments_BT, cache):
+def _forward(params, cfg, tokens_BT, positions_BT, segments_BT, cache, start=False):
   return Decoder(cfg).apply(
-    {"params": params}, tokens_BT, positions_BT, segments_BT.astype(jnp.int32), cache=cache
+    {"params": params},
+    tokens_BT,
+    positions_BT,
+    segments_BT.astype(jnp.int32),
+    cache=cache,
+    start=start,
   )
 
 
@@ -157,9 +162,9 @@ def prefill(
 ) -> DecodeState:
   """Left-padded prompts into a fresh cache of T + max_new_tokens slots -> the decode state."""
   b, t = prompt_BT.shape
-  cache = init_cache(cfg, b, t + max_new_tokens)
+  cache = init_cache(cfg, b, cfg.prompt_tokens + t + max_new_tokens)
   positions_BT = _prompt_positions(mask_BT)
-  logits_BTV, cache = _forward(params, cfg, prompt_BT, positions_BT, mask_BT, cache)
+  logits_BTV, cache = _forward(params, cfg, prompt_BT, positions_BT, mask_BT, cache, True)
   v = logits_BTV.shape[-1] if sampling.penalized else 0
   seen_BV = jnp.zeros((b, v), bool)
   if v:
@@ -330,10 +335,10 @@ def beam_search(
   k, n = num_beams, max_new_tokens
   keep = max(2, 1 + stop_ids.shape[0]) * k
   repeat = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B * K, ...], beams of a row together
-  cache = init_cache(cfg, b * k, t + n)
+  cache = init_cache(cfg, b * k, cfg.prompt_tokens + t + n)
   positions_BT = _prompt_positions(mask_BT)
   logits_BTV, cache = _forward(
-    params, cfg, repeat(prompt_BT), repeat(positions_BT), repeat(mask_BT), cache
+    params, cfg, repeat(prompt_BT), repeat(positions_BT), repeat(mask_BT), cache, True
   )
   v = logits_BTV.shape[-1]
   top_k_mask = (jnp.arange(keep) < k)[None, :]

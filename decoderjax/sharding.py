@@ -180,6 +180,13 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def fetch(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host sharded) array, whole, on every host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def split_cpu(cpu_devices: int, batch_sizes=()) -> int:
   """Sets how many devices the CPU backend shows (before JAX starts); returns the count set.
 

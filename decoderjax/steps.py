@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from decoderjax.adapters import combine
 from decoderjax.config import ModelConfig
 from decoderjax.model import Decoder
 
@@ -22,6 +23,20 @@ class LossConfig:
   label_smoothing: float = 0.0
   grad_accum_steps: int = 1  # the batch is split into this many sequential microbatches
   skip_nonfinite: bool = False  # set from train.on_nonfinite='skip': drop non-finite updates
+  # Adversarial training on the input embeddings: none, fgm (one step of size epsilon) or pgd
+  # (`adv_steps` steps of `adv_step_size`, projected onto the epsilon ball); the objective is
+  # clean loss + adv_weight x loss at the perturbed embeddings. Norms are L2 per sequence.
+  adversarial: str = "none"
+  adv_epsilon: float = 1.0
+  adv_steps: int = 3
+  adv_step_size: float = 0.5
+  adv_weight: float = 1.0
+
+  def __post_init__(self):
+    if self.adversarial not in ("none", "fgm", "pgd"):
+      raise ValueError(f"loss.adversarial must be none, fgm or pgd, got {self.adversarial!r}")
+    if self.adversarial != "none" and (self.adv_epsilon <= 0 or self.adv_steps < 1):
+      raise ValueError("loss.adv_epsilon must be positive and loss.adv_steps >= 1")
 
 
 @flax.struct.dataclass
@@ -46,34 +61,104 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss=0.0, label_smoothin
   return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
 
 
-def batch_loss(params, cfg: ModelConfig, batch, rng, loss_cfg: LossConfig, deterministic: bool):
-  logits_BTV, _ = Decoder(cfg).apply(
+def forward(params, cfg: ModelConfig, batch, rng, deterministic: bool, embed_delta_BTD=None):
+  logits, _ = Decoder(cfg).apply(
     {"params": params},
     batch["inputs"],
     batch["positions"],
     batch["segment_ids"],
     deterministic=deterministic,
     rngs=None if deterministic else {"dropout": rng},
+    embed_delta_BTD=embed_delta_BTD,
   )
+  return logits
+
+
+def pooled_logits(logits_BTC, last_B):
+  """A classifier's logits at each row's last real token -> [B, C]."""
+  return jnp.take_along_axis(logits_BTC, last_B[:, None, None], axis=1)[:, 0]
+
+
+def task_loss(logits, batch, loss_cfg: LossConfig):
+  """(loss sum, weight sum): next-token loss, or a classifier's loss per example."""
+  if "labels" in batch:
+    return cross_entropy(
+      pooled_logits(logits, batch["last"])[:, None],
+      batch["labels"][:, None],
+      batch["example_weights"][:, None],
+      label_smoothing=loss_cfg.label_smoothing,
+    )
   return cross_entropy(
-    logits_BTV, batch["targets"], batch["weights"], loss_cfg.z_loss, loss_cfg.label_smoothing
+    logits, batch["targets"], batch["weights"], loss_cfg.z_loss, loss_cfg.label_smoothing
   )
 
 
-def train_step(state: TrainState, batch, *, cfg, optimizer, loss_cfg: LossConfig, schedule):
-  """One optimizer step over (possibly accumulated) microbatches; returns (state, metrics)."""
+def _per_row_norm(x_BTD):
+  return jnp.sqrt(jnp.sum(jnp.square(x_BTD.astype(jnp.float32)), axis=(1, 2), keepdims=True))
+
+
+def adversarial_delta(loss_of_delta, shape, loss_cfg: LossConfig):
+  """The perturbation of the input embeddings that (approximately) maximizes the loss.
+
+  FGM: epsilon along the normalized gradient. PGD: `adv_steps` normalized gradient steps of
+  `adv_step_size`, each projected back onto the L2 ball of radius epsilon (per sequence).
+  """
+  eps, tiny = loss_cfg.adv_epsilon, 1e-12
+  grad = jax.grad(loss_of_delta)
+  if loss_cfg.adversarial == "fgm":
+    g = grad(jnp.zeros(shape, jnp.float32))
+    return jax.lax.stop_gradient(eps * g / jnp.maximum(_per_row_norm(g), tiny))
+
+  def step(delta, _):
+    g = grad(delta)
+    delta = delta + loss_cfg.adv_step_size * g / jnp.maximum(_per_row_norm(g), tiny)
+    return delta * jnp.minimum(1.0, eps / jnp.maximum(_per_row_norm(delta), tiny)), None
+
+  delta, _ = jax.lax.scan(step, jnp.zeros(shape, jnp.float32), None, length=loss_cfg.adv_steps)
+  return jax.lax.stop_gradient(delta)
+
+
+def batch_loss(trainable, frozen, cfg, batch, rng, loss_cfg: LossConfig, deterministic: bool):
+  """Objective sum (gradients flow to `trainable` only) and aux (weight sum, clean loss sum)."""
+  params = combine(trainable, frozen)
+  loss_sum, weight_sum = task_loss(forward(params, cfg, batch, rng, deterministic), batch, loss_cfg)
+  objective = loss_sum
+  if loss_cfg.adversarial != "none":
+    b, t = batch["inputs"].shape
+
+    def perturbed_loss(delta):
+      logits = forward(params, cfg, batch, rng, deterministic, delta)
+      return task_loss(logits, batch, loss_cfg)[0]
+
+    delta = adversarial_delta(
+      lambda d: perturbed_loss(d) / jnp.maximum(weight_sum, 1.0), (b, t, cfg.embed_dim), loss_cfg
+    )
+    objective = loss_sum + loss_cfg.adv_weight * perturbed_loss(delta)
+  return objective, (weight_sum, loss_sum)
+
+
+def train_step(state: TrainState, batch, frozen, *, cfg, optimizer, loss_cfg: LossConfig, schedule):
+  """One optimizer step over (possibly accumulated) microbatches; returns (state, metrics).
+
+  `state.params` are the trainable parameters; `frozen` the rest of the model (may be empty).
+  """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   deterministic = not (cfg.embed_dropout or cfg.attn_dropout or cfg.resid_dropout)
   a = loss_cfg.grad_accum_steps
 
   def micro(carry, xs):
-    grads, loss_sum, weight_sum = carry
+    grads, objective_sum, loss_sum, weight_sum = carry
     micro_batch, i = xs
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
-    (micro_loss, micro_weight), g = grad_fn(
-      state.params, cfg, micro_batch, jax.random.fold_in(rng, i), loss_cfg, deterministic
+    (micro_objective, (micro_weight, micro_loss)), g = grad_fn(
+      state.params, frozen, cfg, micro_batch, jax.random.fold_in(rng, i), loss_cfg, deterministic
     )
-    carry = (jax.tree.map(jnp.add, grads, g), loss_sum + micro_loss, weight_sum + micro_weight)
+    carry = (
+      jax.tree.map(jnp.add, grads, g),
+      objective_sum + micro_objective,
+      loss_sum + micro_loss,
+      weight_sum + micro_weight,
+    )
     return carry, None
 
   # Microbatch i takes rows i, i + a, ...: each device's rows stay on that device.
@@ -81,18 +166,18 @@ def train_step(state: TrainState, batch, *, cfg, optimizer, loss_cfg: LossConfig
     lambda x: x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1), batch
   )
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, loss_sum, weight_sum), _ = jax.lax.scan(
-    micro, (zeros, 0.0, 0.0), (micro_batches, jnp.arange(a))
+  (grads, objective_sum, loss_sum, weight_sum), _ = jax.lax.scan(
+    micro, (zeros, 0.0, 0.0, 0.0), (micro_batches, jnp.arange(a))
   )
   denom = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
-  loss = loss_sum / denom
+  loss = loss_sum / denom  # the clean loss (the objective adds the adversarial term)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   if loss_cfg.skip_nonfinite:
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    ok = jnp.isfinite(objective_sum) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
     new_state = new_state.replace(step=state.step + 1)
   metrics = {
@@ -105,8 +190,14 @@ def train_step(state: TrainState, batch, *, cfg, optimizer, loss_cfg: LossConfig
   return new_state, metrics
 
 
-def eval_step(params, batch, *, cfg, loss_cfg: LossConfig):
-  """Summed validation loss and token count of one batch (no z-loss, no smoothing)."""
-  return batch_loss(
-    params, cfg, batch, None, dataclasses.replace(loss_cfg, z_loss=0.0, label_smoothing=0.0), True
-  )
+def eval_step(params, batch, frozen=None, *, cfg, loss_cfg: LossConfig):
+  """Summed validation loss and weight of one batch (no z-loss, no smoothing); a classifier's
+  predicted labels too."""
+  params = combine(params, frozen or {})
+  logits = forward(params, cfg, batch, None, True)
+  plain = dataclasses.replace(loss_cfg, z_loss=0.0, label_smoothing=0.0)
+  loss_sum, weight_sum = task_loss(logits, batch, plain)
+  out = {"loss_sum": loss_sum, "weight_sum": weight_sum}
+  if "labels" in batch:
+    out["predictions"] = jnp.argmax(pooled_logits(logits, batch["last"]), axis=-1)
+  return out

@@ -12,7 +12,8 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from decoderjax import cli, data, experiment, sharding, trainer
+from decoderjax import cli, data, experiment, modeldir, sharding, tasks, trainer
+from decoderjax.tokenizer import load_tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; also a model directory.")
@@ -34,9 +35,23 @@ def main(argv):
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
-  data_cfg = experiment.data_config(_CONFIG.value)
-  dataset = data.load_dataset(data_cfg, os.path.join(workdir, "data_cache"))
-  exp = experiment.experiment_from_config(_CONFIG.value, dataset.tokenizer.vocab_size)
+  data_cfg = experiment.data_config(config)
+  init_from = config.get("init_from", "")
+  base, tokenizer, template = None, None, None
+  if init_from:  # fine-tuning: the base model's architecture, tokenizer and chat template
+    base = modeldir.read_config(init_from)
+    tokenizer = load_tokenizer(os.path.join(init_from, modeldir.TOKENIZER_DIR))
+    template = modeldir.read_generation(init_from).get("chat_template")
+  if data_cfg.task == "lm":
+    dataset = data.load_dataset(data_cfg, os.path.join(workdir, "data_cache"), tokenizer)
+  elif tokenizer is None:
+    raise ValueError(
+      f"data.task={data_cfg.task!r} fine-tunes a pretrained model: give --config.init_from=DIR"
+    )
+  else:
+    dataset = tasks.load_task_dataset(data_cfg, tokenizer, template)
+  num_labels = len(dataset.label_names or [])
+  exp = experiment.experiment_from_config(config, dataset.tokenizer.vocab_size, base, num_labels)
   final = trainer.train(exp, workdir, dataset)
   if jax.process_count() > 1:  # leave together: no process exits while another still talks
     sharding.sync_hosts("decoderjax.train done")

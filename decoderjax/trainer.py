@@ -13,11 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
+from decoderjax import adapters, modeldir
 from decoderjax import data as data_lib
 from decoderjax import metrics as metrics_lib
-from decoderjax import modeldir
 from decoderjax import sharding as sharding_lib
 from decoderjax.experiment import Experiment
 from decoderjax.model import Decoder, count_params
@@ -42,11 +43,20 @@ def check_workdir(workdir: str, exp: Experiment) -> None:
       )
 
 
-def state_shardings(exp: Experiment, optimizer, mesh):
-  """Shardings of the train state, derived from the parameters' logical axes (no memory)."""
+def params_init(cfg):
+  """The model's (boxed) parameter initializer."""
+  return lambda rng: Decoder(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
-  def boxed_init(rng):
-    params = Decoder(exp.model).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+def state_shardings(exp: Experiment, optimizer, mesh):
+  """Shardings and shapes (no memory) of the train state and of the frozen parameters.
+
+  The train state holds the method's trainable parameters and their optimizer state only.
+  """
+  boxed_params = jax.eval_shape(params_init(exp.model), jax.random.key(0))
+  trainable, frozen = adapters.split_trainable(boxed_params, exp.finetune.method)
+
+  def boxed_state(params):
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -54,35 +64,92 @@ def state_shardings(exp: Experiment, optimizer, mesh):
       rng=jax.random.key_data(jax.random.key(exp.train.seed + 1)),
     )
 
-  boxed = jax.eval_shape(boxed_init, jax.random.key(exp.train.seed))
+  boxed = jax.eval_shape(boxed_state, trainable)
   shardings, abstract = sharding_lib.abstract_sharded(boxed, mesh, exp.mesh.rules)
-  return boxed_init, shardings, abstract
+  frozen_shardings, frozen_abstract = sharding_lib.abstract_sharded(frozen, mesh, exp.mesh.rules)
+  all_shardings, _ = sharding_lib.abstract_sharded(boxed_params, mesh, exp.mesh.rules)
+  return {
+    "state": shardings,
+    "state_abstract": abstract,
+    "frozen": frozen_shardings,
+    "frozen_abstract": frozen_abstract,
+    "params": all_shardings,
+    "init_state": boxed_state,
+  }
 
 
-def _initialize(boxed_init, shardings, seed: int) -> TrainState:
-  """Runs the initializer with its outputs placed by `shardings` (never whole on one device)."""
-  init = jax.jit(lambda rng: nn.unbox(boxed_init(rng)), out_shardings=shardings)
-  return init(jax.random.key(seed))
+def initial_params(exp: Experiment, layout, mesh):
+  """All parameters at step 0: random, or the init_from model's plus fresh new ones (adapters,
+  soft prompt, classification head), each created directly sharded."""
+  init = params_init(exp.model)
+  rng = jax.random.key(exp.train.seed)
+  if not exp.init_from:
+    return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=layout["params"])(rng)
+  like = sharding_lib.strip_boxes(jax.eval_shape(init, rng))
+  base = modeldir.load_base(
+    exp.init_from, adapters.partition_like(like, _base_tree(exp.init_from))[0], mesh, exp.mesh.rules
+  )
+  new_shardings = adapters.partition_like(layout["params"], base)[1]
+  fresh = jax.jit(
+    lambda r: adapters.partition_like(nn.unbox(init(r)), base)[1], out_shardings=new_shardings
+  )(rng)  # only the new leaves are computed
+  params = adapters.combine(fresh, base)
+  if exp.model.prompt_tokens and "soft_prompt" in fresh:
+    params["soft_prompt"] = adapters.soft_prompt_from_vocab(
+      params["embedding"], exp.model, exp.train.seed
+    )
+  return params
 
 
-def init_state(exp: Experiment, optimizer, mesh) -> TrainState:
-  """The initial train state, created directly sharded."""
-  boxed_init, shardings, _ = state_shardings(exp, optimizer, mesh)
-  return _initialize(boxed_init, shardings, exp.train.seed)
+def _base_tree(directory: str):
+  return sharding_lib.strip_boxes(
+    jax.eval_shape(params_init(modeldir.read_config(directory)), jax.random.key(0))
+  )
 
 
-def evaluate(eval_fn, params, tokens, exp: Experiment, eos_id, mesh) -> dict:
-  loss_sum, weight_sum = 0.0, 0.0
+def init_state(exp: Experiment, optimizer, mesh) -> tuple[TrainState, dict]:
+  """(the initial train state, the frozen parameters), created directly sharded."""
+  layout = state_shardings(exp, optimizer, mesh)
+  trainable, frozen = adapters.split_trainable(
+    initial_params(exp, layout, mesh), exp.finetune.method
+  )
+  state = jax.jit(
+    lambda p: nn.unbox(layout["init_state"](p)), out_shardings=layout["state"], donate_argnums=0
+  )(trainable)
+  return state, frozen
+
+
+def frozen_params(exp: Experiment, layout, mesh) -> dict:
+  """The frozen parameters of a resumed run: the init_from model's (none for full tuning)."""
+  if not jax.tree.leaves(layout["frozen_abstract"]):
+    return {}
+  return modeldir.load_base(exp.init_from, layout["frozen_abstract"], mesh, exp.mesh.rules)
+
+
+def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh) -> dict:
+  """Validation loss (and a classifier's accuracy and macro-F1) over the validation split."""
+  loss_sum, weight_sum, predictions, labels = 0.0, 0.0, [], []
   batch_size = exp.eval.batch_size or exp.train.batch_size
   rows = sharding_lib.local_batch_rows(mesh, batch_size)
-  for batch in data_lib.eval_batches(
-    tokens, exp.data.seq_len, batch_size, eos_id, exp.eval.max_batches
-  ):
+  for batch in dataset.eval_batches(batch_size, exp.eval.max_batches):
     local = {k: v[rows] for k, v in batch.items()}
-    batch_loss, batch_weight = eval_fn(params, sharding_lib.global_batch(mesh, local))
-    loss_sum, weight_sum = loss_sum + float(batch_loss), weight_sum + float(batch_weight)
+    out = eval_fn(params, sharding_lib.global_batch(mesh, local), frozen)
+    loss_sum += float(out["loss_sum"])
+    weight_sum += float(out["weight_sum"])
+    if "predictions" in out:
+      real = batch["example_weights"] > 0
+      predictions.append(np.asarray(sharding_lib.fetch(out["predictions"]))[real])
+      labels.append(batch["labels"][real])
   loss = loss_sum / max(weight_sum, 1.0)
-  return {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0)))}
+  result = {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0)))}
+  if predictions:
+    scores = metrics_lib.classification_metrics(
+      np.concatenate(predictions), np.concatenate(labels), exp.model.num_labels
+    )
+    result = {"val_loss": loss, **{f"val_{k}": v for k, v in scores.items()}}
+  metric = result[exp.train.best_metric]
+  result["objective"] = metric if exp.train.best_metric == "val_loss" else -metric
+  return result
 
 
 def sample_text(params, exp: Experiment, tokenizer, rng_seed: int) -> str:
@@ -135,9 +202,10 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
       f"tokenizer vocabulary ({dataset.tokenizer.vocab_size}) exceeds "
       f"model.vocab_size={exp.model.vocab_size}"
     )
-  if exp.data.seq_len > exp.model.max_seq_len:
+  if exp.data.seq_len + exp.model.prompt_tokens > exp.model.max_seq_len:
+    soft = f" plus {exp.model.prompt_tokens} soft-prompt tokens" if exp.model.prompt_tokens else ""
     raise TrainingError(
-      f"data.seq_len={exp.data.seq_len} exceeds model.max_seq_len={exp.model.max_seq_len}"
+      f"data.seq_len={exp.data.seq_len}{soft} exceeds model.max_seq_len={exp.model.max_seq_len}"
     )
   if exp.train.batch_size % exp.loss.grad_accum_steps:
     raise TrainingError(
@@ -146,35 +214,51 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
     )
   # Every host has read the workdir's config (check_workdir) before host 0 rewrites it.
   sharding_lib.sync_hosts("decoderjax.check_workdir")
+  method = exp.finetune.method
+  adapter_only = method != "full"  # the workdir holds the adapters; the base stays where it is
   if jax.process_index() == 0:
-    modeldir.write_metadata(workdir, exp.model, dataset.tokenizer)
+    fields = ("text_field", "label_field", "prompt_field", "completion_field", "messages_field")
+    extra = {
+      "labels": dataset.label_names,
+      "seq_len": exp.data.seq_len,  # what evaluate and predict cut rows to
+      "data_fields": {f: getattr(exp.data, f) for f in fields} if dataset.task != "lm" else {},
+    }
+    if adapter_only:
+      extra.update(base=os.path.abspath(exp.init_from), method=method)
+    generation = modeldir.read_generation(exp.init_from) if exp.init_from else None
+    modeldir.write_metadata(workdir, exp.model, dataset.tokenizer, generation, extra)
   sharding_lib.sync_hosts("decoderjax.write_metadata")
-  tokenizer, eos_id = dataset.tokenizer, dataset.tokenizer.eos_id
+  tokenizer = dataset.tokenizer
   optimizer = make_optimizer(exp.optimizer, exp.train.steps)
+  if method == "full" and (exp.finetune.freeze_layers or exp.finetune.freeze_embeddings):
+    freeze = adapters.freeze_updates(
+      exp.model, exp.finetune.freeze_layers, exp.finetune.freeze_embeddings
+    )
+    optimizer = optax.chain(optimizer, freeze)
   schedule = make_schedule(exp.optimizer, exp.train.steps)
-  boxed_init, shardings, abstract = state_shardings(exp, optimizer, mesh)
+  layout = state_shardings(exp, optimizer, mesh)
+  shardings, abstract = layout["state"], layout["state_abstract"]
   batch_sharding = sharding_lib.batch_sharding(mesh)
   step_fn = jax.jit(
     functools.partial(
       train_step, cfg=exp.model, optimizer=optimizer, loss_cfg=exp.loss, schedule=schedule
     ),
-    in_shardings=(shardings, batch_sharding),
+    in_shardings=(shardings, batch_sharding, layout["frozen"]),
     out_shardings=(shardings, None),
     donate_argnums=0,
   )
   eval_fn = jax.jit(
     functools.partial(eval_step, cfg=exp.model, loss_cfg=exp.loss),
-    in_shardings=(shardings.params, batch_sharding),
+    in_shardings=(shardings.params, batch_sharding, layout["frozen"]),
   )
   rows = sharding_lib.local_batch_rows(mesh, exp.train.batch_size)
-  batches = data_lib.Batches(
-    dataset.train_tokens, exp.data.seq_len, exp.train.batch_size, exp.data.seed, eos_id, rows
-  )
+  batches = dataset.train_batches(exp.train.batch_size, exp.data.seed, rows)
 
   mngr = modeldir.checkpoint_manager(workdir, exp.checkpoint.keep, exp.checkpoint.keep_best)
   if mngr.latest_step() is None:
-    state = _initialize(boxed_init, shardings, exp.train.seed)
+    state, frozen = init_state(exp, optimizer, mesh)
   else:  # restored straight into the target shardings: no initialization, any earlier mesh
+    frozen = frozen_params(exp, layout, mesh)
     restored = mngr.restore(
       mngr.latest_step(),
       args=ocp.args.Composite(
@@ -188,12 +272,14 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
     state = TrainState(ts["step"], restored["params"], ts["opt_state"], ts["rng"])
     print(f"resumed from {workdir} at step {int(state.step)}", flush=True)
 
-  n_params = count_params(state.params)
+  n_trainable = count_params(state.params)
+  n_params = n_trainable + count_params(frozen)
   flops_per_token = metrics_lib.flops_per_token(exp.model, exp.data.seq_len)
   peak = exp.train.peak_flops or metrics_lib.peak_flops(exp.model.dtype)
+  trains = "" if n_trainable == n_params else f" ({n_trainable:,} trainable, {method})"
   print(
-    f"model: {n_params:,} parameters, {flops_per_token / 1e6:.2f} MFLOPs/token (train); "
-    f"data: {len(dataset.train_tokens):,} train / {len(dataset.val_tokens):,} val tokens",
+    f"model: {n_params:,} parameters{trains}, {flops_per_token / 1e6:.2f} MFLOPs/token (train); "
+    f"data: {dataset.describe()}",
     flush=True,
   )
   logger = metrics_lib.Logger(
@@ -221,14 +307,21 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
     if not exp.checkpoint.async_save:
       mngr.wait_until_finished()
 
-  last = {}
+  last, best = {}, {"objective": float("inf")}
+  stale_evals, stopped_early = 0, False
+  patience = exp.train.early_stopping_patience
   start_step = int(state.step)
   step_tokens = exp.train.batch_size * exp.data.seq_len
   t_last, step_last = time.perf_counter(), start_step
+  samples = not exp.model.num_labels  # a classifier has no text to sample
   try:
+    if exp.eval.at_start and start_step == 0:  # the starting point competes for the best too
+      best = {"step": 0, **evaluate(eval_fn, state.params, frozen, dataset, exp, mesh)}
+      logger.log(0, {k: v for k, v in best.items() if k != "objective"})
+      save(0, {k: v for k, v in best.items() if k != "step"})
     next_batch = sharding_lib.global_batch(mesh, batches.batch(start_step))
     for step in range(start_step, exp.train.steps):
-      state, m = step_fn(state, next_batch)  # dispatched asynchronously
+      state, m = step_fn(state, next_batch, frozen)  # dispatched asynchronously
       done = step + 1
       if done < exp.train.steps:  # prefetch: the next batch is built and sent meanwhile
         next_batch = sharding_lib.global_batch(mesh, batches.batch(done))
@@ -255,25 +348,49 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
           "tokens_per_sec": tokens_per_sec,
           "mfu": flops_per_token * tokens_per_sec / (peak * jax.device_count()),
         }
-      eval_now = exp.eval.every_steps and done % exp.eval.every_steps == 0
+      eval_now = bool(exp.eval.every_steps and done % exp.eval.every_steps == 0)
       if eval_now or done == exp.train.steps:
-        last = evaluate(eval_fn, state.params, dataset.val_tokens, exp, eos_id, mesh)
+        eval_now = True
+        last = {"step": done, **evaluate(eval_fn, state.params, frozen, dataset, exp, mesh)}
         record = {**(record or {"step": done, "loss": loss}), **last}
+        record.pop("objective")
+        if last["objective"] < best["objective"]:
+          best, stale_evals = last, 0
+        else:
+          stale_evals += 1
+        stopped_early = bool(patience) and stale_evals >= patience and done < exp.train.steps
       logger.log(done, record)
-      if exp.train.sample_every and done % exp.train.sample_every == 0:
-        logger.sample(done, sample_text(state.params, exp, tokenizer, done))
-      if done == exp.train.steps or (
-        exp.checkpoint.every_steps and done % exp.checkpoint.every_steps == 0
+      if samples and exp.train.sample_every and done % exp.train.sample_every == 0:
+        params = adapters.combine(state.params, frozen)
+        logger.sample(done, sample_text(params, exp, tokenizer, done))
+      if (
+        done == exp.train.steps
+        or stopped_early
+        or (exp.checkpoint.every_steps and done % exp.checkpoint.every_steps == 0)
       ):
-        save(done, last if eval_now or done == exp.train.steps else None)
+        save(done, {k: v for k, v in last.items() if k != "step"} if eval_now else None)
+      if stopped_early:
+        print(
+          f"early stopping at step {done}: no better {exp.train.best_metric} in {patience} "
+          f"evaluations; restoring the best, step {best['step']}",
+          flush=True,
+        )
+        break
       if preemption.requested:
         save(done, None)
         mngr.wait_until_finished()
         print(f"SIGTERM: saved step {done} to {workdir}; exiting", flush=True)
         return {"step": done, "preempted": True}
-    final = {"step": int(state.step), **last}
-    if exp.train.steps > 0:
-      text = sample_text(state.params, exp, tokenizer, exp.train.seed)
+    final = {"step": int(state.step), **{k: v for k, v in last.items() if k != "objective"}}
+    if stopped_early:
+      mngr.wait_until_finished()
+      restored = mngr.restore(
+        best["step"], args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract.params))
+      )
+      state = state.replace(params=restored["params"])
+      final = {**{k: v for k, v in best.items() if k != "objective"}, "stopped_at": done}
+    if exp.train.steps > 0 and samples:
+      text = sample_text(adapters.combine(state.params, frozen), exp, tokenizer, exp.train.seed)
       logger.sample(int(state.step), text)
       print(f"--- sample (step {int(state.step)}) ---\n{text}\n---", flush=True)
     return final

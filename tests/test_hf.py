@@ -164,3 +164,36 @@ def test_pytorch_bin_checkpoints_load_weights_only(tmp_path, tokenizer_json):
   torch.save({"model.embed_tokens.weight": _Exploit()}, tmp_path / "hf" / "pytorch_model.bin")
   with pytest.raises(ValueError, match="not a weights-only PyTorch checkpoint"):
     convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "bad"))
+
+
+def test_lora_finetuned_model_exports_to_transformers(tmp_path, tokenizer_json):
+  """Fine-tune a converted model with LoRA, then export: transformers computes the merged
+  model's logits, which differ from the base model's."""
+  from conftest import REPO
+
+  base = save_hf("llama3", tmp_path / "hf", tokenizer_json)
+  convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
+  text = tmp_path / "text.txt"
+  text.write_text("to be or not to be, that is the question. " * 400)
+  result = subprocess.run(
+    [sys.executable, "-m", "decoderjax.train", f"--config={REPO}/configs/finetune_lm_full.py",
+     f"--workdir={tmp_path / 'tuned'}", f"--config.init_from={tmp_path / 'base'}",
+     f"--config.data.path={text}", "--config.finetune.method=lora",
+     "--config.finetune.lora_targets=q,k,v,o,up,gate,down", "--config.data.seq_len=32",
+     "--config.train.steps=8", "--config.eval.every_steps=0", "--config.eval.at_start=false",
+     "--config.optimizer.learning_rate=1e-2", "--config.optimizer.warmup_steps=0",
+     "--config.train.batch_size=4", "--config.train.sample_tokens=4"],
+    capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-2000:]
+  convert.export_hf(str(tmp_path / "tuned"), str(tmp_path / "back"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(
+    tmp_path / "back", attn_implementation="eager"
+  )
+  tuned = modeldir.load_model_dir(str(tmp_path / "tuned"))
+  assert tuned.config.lora_rank == 0  # merged on load
+  tokens = np.random.default_rng(2).integers(0, V, (2, 20))
+  assert_same_logits(exported, tuned, tokens)
+  with torch.no_grad():
+    moved = exported(torch.from_numpy(tokens)).logits - base(torch.from_numpy(tokens)).logits
+  assert float(moved.abs().max()) > 1e-2

@@ -122,7 +122,7 @@ SHARDING_CHECK = textwrap.dedent(
                      EvalConfig(), CheckpointConfig(), sharding.MeshConfig(**mesh))
     m = sharding.make_mesh(exp.mesh)
     with jax.set_mesh(m):
-      return trainer.init_state(exp, make_optimizer(exp.optimizer, 10), m)
+      return trainer.init_state(exp, make_optimizer(exp.optimizer, 10), m)[0]
   s = state(data=1, fsdp=8)
   up = s.params["layers"]["mlp"]["up"]
   print("SPEC", tuple(up.sharding.spec))

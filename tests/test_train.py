@@ -295,9 +295,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   for accum in (1, 4):
     step = functools.partial(train_step, cfg=cfg, optimizer=opt, schedule=make_schedule(
       exp.optimizer, 10), loss_cfg=LossConfig(grad_accum_steps=accum))  # fmt: skip
-    state = trainer.init_state(exp, opt, mesh)
+    state, frozen = trainer.init_state(exp, opt, mesh)
     for _ in range(3):
-      state, metrics = jax.jit(step)(state, batch)
+      state, metrics = jax.jit(step)(state, batch, frozen)
     results.append((state, metrics))
   (a, ma), (b, mb) = results
   assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)

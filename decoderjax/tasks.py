@@ -1,0 +1,451 @@
+"""Fine-tuning data: instruction (SFT) and classification examples -> fixed-length batches.
+
+SFT records are {"prompt", "completion"} pairs or chat {"messages": [{"role", "content"}, ...]}
+conversations rendered through the model's chat template; the loss covers the completion (every
+assistant message) and nothing else. Whole examples are packed into rows of `seq_len` tokens, each
+with its own segment id and positions, so packed examples never see each other. Classification
+records {"text", "label"} become one row each, with the index of the last token the classifier
+reads. As in data.py, the training batch of step `s` is a pure function of (seed, s).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import itertools
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from decoderjax.data import DataConfig, add_noise, augmenter, check_augmentation
+from decoderjax.tokenizer import Tokenizer
+
+Record = tuple[str, int, dict]  # (file, line number, record)
+Rows = dict[str, np.ndarray]  # arrays with one leading row axis
+TASKS = ("sft", "classify")
+
+
+def render_chat(template: str, messages: list[dict], tok, add_generation_prompt=True) -> str:
+  """A conversation through a Jinja chat template (as transformers renders them)."""
+  import jinja2.sandbox
+
+  def special(token_id):
+    if token_id is None:
+      return ""
+    return tok.tok.id_to_token(token_id) if tok.kind == "hf" else tok.decode([token_id])
+
+  def raise_exception(message):
+    raise ValueError(f"chat template: {message}")
+
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  env.globals["raise_exception"] = raise_exception
+  return env.from_string(template).render(
+    messages=messages,
+    add_generation_prompt=add_generation_prompt,
+    bos_token=special(tok.bos_id),
+    eos_token=special(tok.eos_id),
+  )
+
+
+# Reading records.
+
+
+def read_records(pattern: str) -> list[Record]:
+  """(file, line, record) for every record in the files a glob matches: JSON lines or CSV."""
+  paths = sorted(glob.glob(os.path.expanduser(pattern)))
+  if not paths:
+    raise ValueError(f"no file matches {pattern!r}")
+  records = [record for path in paths for record in _read_file(path)]
+  if not records:
+    raise ValueError(f"{pattern!r} holds no records")
+  return records
+
+
+def _read_file(path: str) -> list[Record]:
+  with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a BOM
+    if path.endswith(".csv"):
+      reader = csv.DictReader(f)
+      return [(path, reader.line_num, row) for row in reader]  # line_num: the row just read
+    if path.endswith((".jsonl", ".json")):
+      return [_json_record(path, n, line) for n, line in enumerate(f, 1) if line.strip()]
+  raise ValueError(f"{path}: unknown data format (expected .jsonl, .json or .csv)")
+
+
+def _json_record(path: str, n: int, line: str) -> Record:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{n}: not JSON ({e.msg}); expected one object per line") from None
+  if not isinstance(record, dict):
+    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+  return path, n, record
+
+
+def _field(record: dict, name: str, where: str):
+  value = record.get(name)
+  if value is None:  # also a CSV row too short for its header
+    raise ValueError(f"{where}: no field {name!r}")
+  return value
+
+
+def _text(record: dict, name: str, where: str) -> str:
+  value = _field(record, name, where)
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+  return value
+
+
+# Instruction tuning.
+
+
+def sft_example(
+  record: dict, tok: Tokenizer, cfg: DataConfig, chat_template: str | None, where: str
+) -> tuple[list[int], list[bool]]:
+  """One SFT record -> its tokens and a per-token mask of what the loss covers."""
+  if cfg.messages_field in record:
+    return _chat_example(record[cfg.messages_field], tok, chat_template, cfg, where)
+  if cfg.prompt_field in record or cfg.completion_field in record:
+    prompt = _text(record, cfg.prompt_field, where)
+    completion = record.get(cfg.completion_field) or ""
+    if not isinstance(completion, str) or not completion.strip():
+      raise ValueError(f"{where}: empty completion")
+    head = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(prompt)
+    tail = tok.encode(completion) + ([] if tok.eos_id is None else [tok.eos_id])
+    return head + tail, [False] * len(head) + [True] * len(tail)
+  raise ValueError(
+    f"{where}: expected fields {cfg.prompt_field!r} and {cfg.completion_field!r}, "
+    f"or {cfg.messages_field!r}"
+  )
+
+
+def _chat_example(messages, tok, template, cfg: DataConfig, where: str):
+  """Tokens of a rendered conversation; the mask covers each assistant message's span."""
+  if template is None:
+    raise ValueError(f"{where}: chat records need a chat template; the model directory has none")
+  if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
+    raise ValueError(
+      f"{where}: {cfg.messages_field!r} must be a list of {{'role', 'content'}} string objects"
+    )
+  render = lambda n, prompt: render_chat(template, messages[:n], tok, add_generation_prompt=prompt)
+  text = render(len(messages), False)
+  cuts = [0]  # the text alternates: outside, assistant, outside, assistant, ..., outside
+  for i, message in enumerate(messages):
+    if message["role"] != "assistant":
+      continue
+    if not message["content"].strip():
+      raise ValueError(f"{where}: message {i} (assistant) has empty content")
+    before, through = render(i, True), render(i + 1, False)
+    if not (through.startswith(before) and text.startswith(through) and len(before) >= cuts[-1]):
+      raise ValueError(
+        f"{where}: the chat template does not render message {i} as a continuation of the "
+        "messages before it, so its span in the text is unknown"
+      )
+    cuts += [len(before), len(through)]
+  if len(cuts) == 1:
+    raise ValueError(f"{where}: the conversation has no assistant message to learn from")
+  cuts.append(len(text))
+  tokens, mask = [], []
+  for k in range(len(cuts) - 1):
+    piece = tok.encode(text[cuts[k] : cuts[k + 1]])
+    tokens += piece
+    mask += [k % 2 == 1] * len(piece)
+  return tokens, mask
+
+
+def _is_message(message) -> bool:
+  return (
+    isinstance(message, dict)
+    and isinstance(message.get("role"), str)
+    and isinstance(message.get("content"), str)
+  )
+
+
+def pack_sft(
+  examples: list[tuple[list[int], list[bool]]], seq_len: int, pack: bool, seed: int
+) -> tuple[Rows, int]:
+  """Examples -> rows [N, seq_len] of whole examples, and how many were cut to seq_len + 1."""
+  truncated = sum(len(tokens) > seq_len + 1 for tokens, _ in examples)
+  cut = lambda t, m: (t, m) if len(t) <= seq_len + 1 else (t[: seq_len + 1], m[: seq_len + 1])
+  examples = [cut(t, m) for t, m in examples if len(t) >= 2]
+  lengths = [len(tokens) - 1 for tokens, _ in examples]  # (input, target) pairs
+  if pack:
+    order = np.random.default_rng(seed).permutation(len(examples))
+    placed = _first_fit(lengths, order, seq_len)
+  else:
+    placed = [(i, i) for i in range(len(examples))]
+  return _fill_rows(examples, lengths, placed, seq_len), truncated
+
+
+def _fill_rows(examples, lengths, placed: list[tuple[int, int]], seq_len: int) -> Rows:
+  """Writes each example, in placement order, after those already in its row."""
+  n = max((row for _, row in placed), default=-1) + 1
+  used, count, start, segment = [0] * n, [0] * n, [], []
+  for i, row in placed:
+    count[row] += 1
+    start.append(row * seq_len + used[row])  # in the flattened [n * seq_len] rows
+    segment.append(count[row])
+    used[row] += lengths[i]
+  picked = [i for i, _ in placed]
+  length = np.array([lengths[i] for i in picked], dtype=int)
+  total = int((length + 1).sum())
+  tokens = np.fromiter(
+    itertools.chain.from_iterable(examples[i][0] for i in picked), np.int32, total
+  )
+  mask = np.fromiter(itertools.chain.from_iterable(examples[i][1] for i in picked), bool, total)
+  first = np.cumsum(length + 1) - (length + 1)  # each example's first token in `tokens`
+  pair = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)  # in example
+  source = np.repeat(first, length) + pair
+  slot = np.repeat(np.array(start, int), length) + pair
+  values = {
+    "inputs": tokens[source],
+    "targets": tokens[source + 1],
+    "segment_ids": np.repeat(np.array(segment, np.int32), length),
+    "positions": pair.astype(np.int32),
+    "weights": mask[source + 1].astype(np.float32),
+  }
+  rows = {}
+  for name, value in values.items():
+    rows[name] = np.zeros((n, seq_len), value.dtype)
+    rows[name].reshape(-1)[slot] = value  # a view: the rows are contiguous
+  return rows
+
+
+def _first_fit(lengths: list[int], order, capacity: int) -> list[tuple[int, int]]:
+  """(example, row) pairs: each example, in `order`, goes to the first row with room for it.
+
+  A max-tree over the rows' free room finds that row in O(log rows); rows past the last used
+  one are empty, so the first of them is taken when no used row has room.
+  """
+  size = 1 << max(len(order) - 1, 0).bit_length()  # leaves: at least one row per example
+  room = [capacity] * (2 * size)  # node k has children 2k, 2k + 1; leaves at size + row
+  placed = []
+  for i in order:
+    node = 1
+    while node < size:
+      node = 2 * node if room[2 * node] >= lengths[i] else 2 * node + 1
+    room[node] -= lengths[i]
+    placed.append((int(i), node - size))
+    node //= 2
+    while node:
+      room[node] = max(room[2 * node], room[2 * node + 1])
+      node //= 2
+  return placed
+
+
+# Classification.
+
+
+def label_names_of(records: list[Record], cfg: DataConfig) -> list[str]:
+  """data.labels split on commas, else the training data's sorted unique labels."""
+  if cfg.labels:
+    names = [name.strip() for name in cfg.labels.split(",")]
+    if "" in names or len(set(names)) < len(names):
+      raise ValueError(f"data.labels: empty or repeated label name in {cfg.labels!r}")
+  else:
+    names = sorted({str(_field(r, cfg.label_field, f"{p}:{n}")) for p, n, r in records})
+  if len(names) < 2:
+    source = "data.labels" if cfg.labels else "the training data"
+    raise ValueError(f"classification needs at least 2 labels; {source} has {names}")
+  return names
+
+
+def classify_rows(
+  records: list[Record], tok: Tokenizer, cfg: DataConfig, seq_len: int, label_names: list[str]
+) -> Rows:
+  """One row per record: text tokens (then EOS), the label's index and the last token's index."""
+  return _classify(records, tok, cfg, seq_len, label_names)[0]
+
+
+def _classify(records, tok, cfg, seq_len, label_names) -> tuple[Rows, int]:
+  index = {name: i for i, name in enumerate(label_names)}
+  texts, labels = [], []
+  for path, line, record in records:
+    where = f"{path}:{line}"
+    text, label = _text(record, cfg.text_field, where), _field(record, cfg.label_field, where)
+    if str(label) not in index:
+      raise ValueError(f"{where}: label {label!r} is not one of {label_names}")
+    texts.append((text, where))
+    labels.append(index[str(label)])
+  rows, truncated = text_rows(texts, tok, seq_len)
+  rows["labels"] = np.asarray(labels, np.int32).reshape(len(records))
+  return rows, truncated
+
+
+def text_rows(texts: list[tuple[str, str]], tok: Tokenizer, seq_len: int) -> tuple[Rows, int]:
+  """A classifier's input rows for (text, where) pairs: tokens (truncated to leave room for
+  EOS, then EOS), right padding, and the last token's index -> (rows, count truncated)."""
+  eos = [] if tok.eos_id is None else [tok.eos_id]
+  keep = seq_len - len(eos)
+  n = len(texts)
+  rows = {k: np.zeros((n, seq_len), np.int32) for k in ("inputs", "segment_ids", "positions")}
+  rows["last"] = np.zeros(n, np.int32)
+  rows["example_weights"] = np.ones(n, np.float32)
+  truncated = 0
+  for r, (text, where) in enumerate(texts):
+    ids = tok.encode(text)
+    truncated += len(ids) > keep
+    ids = ids[:keep] + eos
+    if not ids:
+      raise ValueError(f"{where}: empty text")
+    rows["inputs"][r, : len(ids)] = ids
+    rows["segment_ids"][r, : len(ids)] = 1
+    rows["positions"][r, : len(ids)] = np.arange(len(ids))
+    rows["last"][r] = len(ids) - 1
+  return rows, truncated
+
+
+# Batches.
+
+
+class TaskBatches:
+  """Deterministic training batches of a task's rows: batch(step) is a function of (seed, step).
+
+  Each epoch visits the rows in a fresh random order; with fewer rows than the batch size,
+  epochs wrap inside a batch. `rows` selects this host's rows of the global batch. Augmentation
+  draws from (seed, step, row of the global batch), so hosts agree with a single-host run.
+  """
+
+  def __init__(self, data: Rows, batch_size: int, seed: int, rows=None, noise=None):
+    """`noise(inputs_BT, segment_ids_BT, rng) -> inputs_BT` augments the inputs (None: off)."""
+    self.data, self.batch_size, self.seed, self.noise = data, batch_size, seed, noise
+    self.rows = rows or slice(0, batch_size)  # this host's rows of the global batch
+    self.n = len(data["inputs"])
+    if self.n == 0:
+      raise ValueError("no training rows to batch")
+    self._orders = {}  # recent epochs' permutations
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      if len(self._orders) >= 4:
+        del self._orders[min(self._orders)]
+      self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+    return self._orders[epoch]
+
+  def example_indices(self, step: int) -> np.ndarray:
+    """The rows of `data` this host reads at `step`."""
+    first = step * self.batch_size
+    picked = [divmod(i, self.n) for i in range(first, first + self.batch_size)[self.rows]]
+    return np.array([self._order(epoch)[k] for epoch, k in picked], dtype=int)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    batch = {k: v[self.example_indices(step)] for k, v in self.data.items()}
+    return add_noise(batch, self.noise, self.seed, step, range(self.batch_size)[self.rows])
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDataset:
+  task: str  # sft or classify
+  tokenizer: Tokenizer
+  train: Rows
+  val: Rows
+  label_names: list[str] | None  # classify: the classes, in label-index order
+  stats: dict  # example, row, token and truncation counts
+  config: DataConfig = DataConfig()  # its augmentation settings apply to training batches
+
+  def train_batches(self, batch_size: int, seed: int, rows: slice | None = None) -> TaskBatches:
+    """Deterministic training batches, augmented as data.{token_dropout, ...} ask."""
+    noise = augmenter(self.config, self.tokenizer)
+    return TaskBatches(self.train, batch_size, seed, rows, noise)
+
+  def describe(self) -> str:
+    s = self.stats
+    text = (
+      f"{s['examples']:,} train / {s['val_examples']:,} val {self.task} examples "
+      f"in {s['rows']:,} / {s['val_rows']:,} rows"
+    )
+    return text + (f", {s['truncated']:,} truncated" if s.get("truncated") else "")
+
+  def eval_batches(self, batch_size: int, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    return row_batches(self.val, batch_size, max_batches)
+
+
+def row_batches(rows: Rows, batch_size: int, max_batches: int = 0) -> Iterator[Rows]:
+  """Consecutive rows; the last batch is padded with zero rows (zero weights)."""
+  n = len(rows["inputs"])
+  if max_batches:
+    n = min(n, max_batches * batch_size)
+  for i in range(0, n, batch_size):
+    real = min(batch_size, n - i)
+    yield {
+      k: np.concatenate([v[i : i + real], np.zeros((batch_size - real, *v.shape[1:]), v.dtype)])
+      for k, v in rows.items()
+    }
+
+
+def load_task_dataset(cfg: DataConfig, tok: Tokenizer, chat_template: str | None) -> TaskDataset:
+  """Reads data.path (and data.eval_path) into the training and validation rows of a task."""
+  if cfg.task not in TASKS:
+    raise ValueError(f"data.task: expected one of {TASKS} for fine-tuning data, got {cfg.task!r}")
+  if not cfg.path:
+    raise ValueError(f"data.task={cfg.task!r} needs data.path=FILE_OR_GLOB")
+  if cfg.seq_len < 2:
+    raise ValueError(f"data.seq_len must be >= 2, got {cfg.seq_len}")
+  check_augmentation(cfg)
+  train = read_records(cfg.path)
+  if cfg.eval_path:
+    val = read_records(cfg.eval_path)
+  else:
+    train, val = _split(train, cfg.val_fraction, cfg.seed)
+  if cfg.task == "sft":
+    return _sft_dataset(cfg, tok, chat_template, train, val)
+  return _classify_dataset(cfg, tok, train, val)
+
+
+def _split(records: list[Record], fraction: float, seed: int) -> tuple[list, list]:
+  """A seeded validation split of `fraction` of the records, at least one on each side."""
+  if not 0 <= fraction < 1:
+    raise ValueError(f"data.val_fraction must be in [0, 1), got {fraction}")
+  if len(records) < 2:
+    raise ValueError(
+      f"{records[0][0]}: one example cannot be split into training and validation; "
+      "add examples or set data.eval_path"
+    )
+  n_val = min(max(1, round(len(records) * fraction)), len(records) - 1)
+  held = set(np.random.default_rng(seed).permutation(len(records))[:n_val].tolist())
+  return (
+    [r for i, r in enumerate(records) if i not in held],
+    [r for i, r in enumerate(records) if i in held],
+  )
+
+
+def _sft_dataset(cfg, tok, chat_template, train, val) -> TaskDataset:
+  split = {}
+  for name, records in (("train", train), ("val", val)):
+    examples = [sft_example(r, tok, cfg, chat_template, f"{p}:{n}") for p, n, r in records]
+    split[name] = (len(examples), *pack_sft(examples, cfg.seq_len, cfg.pack, cfg.seed))
+  (n_train, rows, truncated), (n_val, val_rows, _) = split["train"], split["val"]
+  if not len(rows["inputs"]) or not len(val_rows["inputs"]):
+    raise ValueError(f"{cfg.path}: no example has the 2 tokens a training pair needs")
+  tokens = int((rows["segment_ids"] != 0).sum())
+  stats = {
+    "examples": n_train,
+    "val_examples": n_val,
+    "rows": len(rows["inputs"]),
+    "val_rows": len(val_rows["inputs"]),
+    "truncated": truncated,
+    "tokens": tokens,
+    "loss_tokens": int(rows["weights"].sum()),
+    "fill": tokens / rows["inputs"].size,  # the fraction of row slots holding tokens
+  }
+  return TaskDataset("sft", tok, rows, val_rows, None, stats, cfg)
+
+
+def _classify_dataset(cfg, tok, train, val) -> TaskDataset:
+  names = label_names_of(train, cfg)
+  rows, truncated = _classify(train, tok, cfg, cfg.seq_len, names)
+  val_rows, _ = _classify(val, tok, cfg, cfg.seq_len, names)
+  stats = {
+    "examples": len(train),
+    "val_examples": len(val),
+    "rows": len(train),
+    "val_rows": len(val),
+    "truncated": truncated,
+    "tokens": int((rows["segment_ids"] != 0).sum()),
+    "label_counts": dict(
+      zip(names, np.bincount(rows["labels"], minlength=len(names)).tolist(), strict=True)
+    ),
+  }
+  return TaskDataset("classify", tok, rows, val_rows, names, stats, cfg)
