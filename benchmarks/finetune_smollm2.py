@@ -29,12 +29,22 @@ import shakespeare_tasks  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-RUNS = {  # name: (config, task, extra overrides)
-  "LoRA classify (r=8, q,v)": ("finetune_classify_lora", "classify", []),
-  "full classify": ("finetune_classify_full", "classify", ["--config.loss.adversarial=none"]),
-  "prompt classify (20 tokens)": ("finetune_classify_prompt", "classify", []),
-  "LoRA classify + FGM": ("finetune_classify_lora", "classify", ["--config.loss.adversarial=fgm"]),
-  "LoRA SFT (chat, r=8, q,k,v,o)": ("finetune_sft_lora", "sft", []),
+RUNS = {  # id: (what the table calls it, config, task, extra overrides)
+  "lora_classify": ("classify, LoRA r=8 on q, v", "finetune_classify_lora", "classify", []),
+  "full_classify": (
+    "classify, full",
+    "finetune_classify_full",
+    "classify",
+    ["--config.loss.adversarial=none"],
+  ),
+  "prompt_classify": ("classify, prompt tuning (20)", "finetune_classify_prompt", "classify", []),
+  "lora_fgm_classify": (
+    "classify, LoRA + FGM",
+    "finetune_classify_lora",
+    "classify",
+    ["--config.loss.adversarial=fgm"],
+  ),
+  "lora_sft": ("SFT (chat), LoRA r=8 on q, k, v, o", "finetune_sft_lora", "sft", []),
 }
 
 
@@ -49,8 +59,8 @@ def model_dir(args) -> str:
 
 
 def run(name, base, files, args) -> dict:
-  config, task, extra = RUNS[name]
-  workdir = os.path.join(args.workdir, name.split(" (")[0].replace(" ", "_").replace("+", "p"))
+  label, config, task, extra = RUNS[name]
+  workdir = os.path.join(args.workdir, name)
   command = [
     sys.executable, "-m", "decoderjax.train", f"--config={REPO}/configs/{config}.py",
     f"--workdir={workdir}", f"--config.init_from={base}",
@@ -60,7 +70,7 @@ def run(name, base, files, args) -> dict:
     f"--config.train.steps={args.steps}", f"--config.train.batch_size={args.batch}",
     f"--config.train.log_every={args.log_every}", f"--config.eval.every_steps={args.steps // 2}",
     "--config.eval.batch_size=16", "--config.train.early_stopping_patience=0",
-    "--config.train.sample_tokens=16", *extra,
+    "--config.train.sample_tokens=16", f"--config.optimizer.warmup_steps={args.warmup}", *extra,
   ]  # fmt: skip
   start = time.perf_counter()
   result = subprocess.run(command, capture_output=True, text=True)
@@ -72,10 +82,10 @@ def run(name, base, files, args) -> dict:
   evals = [r for r in log if "val_loss" in r]
   steps = [r for r in log if "tokens_per_sec" in r]
   tokens = args.batch * (args.seq_len if task == "classify" else 2 * args.seq_len)
-  ms = [tokens / r["tokens_per_sec"] * 1e3 for r in steps[1:]] or [float("nan")]
+  ms = [tokens / r["tokens_per_sec"] * 1e3 for r in steps[1:]] or [float("nan")]  # no compile
   trainable = next((line for line in result.stdout.splitlines() if line.startswith("model:")), "")
   return {
-    "name": name,
+    "name": label,
     "task": task,
     "before": evals[0],
     "after": evals[-1],
@@ -108,11 +118,13 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--plays", default="hamlet,macbeth")
   parser.add_argument("--per_play", type=int, default=200)
-  parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=64)
   parser.add_argument("--log_every", type=int, default=10)
-  parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated run names")
+  default_runs = "lora_classify,full_classify,prompt_classify,lora_sft"
+  parser.add_argument("--runs", default=default_runs, help=f"comma-separated of {list(RUNS)}")
   args = parser.parse_args()
   if not (args.model or args.gguf):
     parser.error("give --model=DIR or --gguf=FILE")
@@ -139,7 +151,7 @@ def main():
   for name in args.runs.split(","):
     results.append(run(name, base, files, args))
     r = results[-1]
-    print(f"{name}: {r['model_line']}; {r['ms_per_step']:.0f} ms/step", flush=True)
+    print(f"{r['name']}: {r['model_line']}; {r['ms_per_step']:.0f} ms/step", flush=True)
   print(table(results))
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -2,16 +2,17 @@
 
 Reads the `llama` architecture (Llama, Mistral, SmolLM, ... as llama.cpp writes them) with the
 `gguf` package, dequantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 and the K-quants, undoes
-llama.cpp's row permutation of the Q and K projections, and rebuilds the byte-level BPE
-tokenizer and chat template from the metadata.
+llama.cpp's row permutation of the Q and K projections, and rebuilds the tokenizer (byte-level
+BPE, or SentencePiece for `llama`-model vocabularies) and chat template from the metadata.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
-from decoderjax.config import ModelConfig
-from decoderjax.tokenizer import HFTokenizer
+from decoderjax.config import ModelConfig, RopeScaling
+from decoderjax.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
              "Q4_K", "Q5_K", "Q6_K")  # fmt: skip
@@ -93,13 +94,11 @@ def config_from_gguf(reader, path: str) -> ModelConfig:
   arch = _meta(reader, "general.architecture")
   if arch != "llama":
     raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama)")
-  if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-    raise ValueError(f"{path}: RoPE frequency factors (rope_freqs.weight) are not supported yet")
   heads = int(_meta(reader, "llama.attention.head_count"))
   width = int(_meta(reader, "llama.embedding_length"))
   head_dim = int(_meta(reader, "llama.attention.key_length", width // heads))
   tokens = _meta(reader, "tokenizer.ggml.tokens", [])
-  return ModelConfig(
+  cfg = ModelConfig(
     vocab_size=int(_meta(reader, "llama.vocab_size", len(tokens))),
     max_seq_len=int(_meta(reader, "llama.context_length", 4096)),
     num_layers=int(_meta(reader, "llama.block_count")),
@@ -115,15 +114,57 @@ def config_from_gguf(reader, path: str) -> ModelConfig:
     mlp="swiglu",
     tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
   )
+  factors = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+  if factors is not None:
+    cfg = cfg.replace(rope_scaling=rope_scaling_from_factors(np.asarray(factors.data), cfg, path))
+  return cfg
 
 
-def tokenizer_from_gguf(reader, path: str) -> HFTokenizer:
-  """Rebuilds a byte-level BPE tokenizer (`tokenizer.ggml.model == gpt2`) as tokenizer.json."""
+def rope_scaling_from_factors(factors, cfg: ModelConfig, path: str) -> RopeScaling | None:
+  """Llama-3 RoPE scaling recovered from llama.cpp's per-frequency divisors (rope_freqs).
+
+  llama.cpp stores 1 for short wavelengths, `factor` for long ones and 1 / ((1 - s) / factor
+  + s) between, with s = a / wavelength - b linear in the inverse wavelength. a and b fix the
+  function: (original_max_position, low, high) = (a / b, 1, 1 + 1 / b) reproduce it exactly.
+  """
+  from decoderjax.layers import rope_frequencies
+
+  factors = np.asarray(factors, np.float64).reshape(-1)
+  base = np.asarray(rope_frequencies(cfg.replace(rope_scaling=None)), np.float64)
+  if factors.shape != base.shape:
+    raise ValueError(f"{path}: rope_freqs.weight has {factors.size} factors, expected {base.size}")
+  factor = float(factors.max())
+  if np.allclose(factors, 1.0):
+    return None
+  medium = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+  if medium.sum() < 2:
+    raise ValueError(f"{path}: rope_freqs.weight does not follow Llama-3 scaling (too few bands)")
+  smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+  a, minus_b = np.polyfit(base[medium] / (2 * np.pi), smooth, 1)  # s = a / wavelength - b
+  b = -minus_b
+  # Scaled so low_freq_factor is 1, as in every Llama-3 release (8192, 1, 4 come back).
+  low, high, original = (1.0, 1.0 + 1.0 / b, a / b) if b > 1e-6 else (b, b + 1.0, a)
+  if abs(original - round(original)) < 1e-3 * original:
+    original = round(original)
+  scaling = RopeScaling(factor, float(low), float(round(high, 6)), original)
+  rebuilt = np.asarray(rope_frequencies(cfg.replace(rope_scaling=scaling)), np.float64)
+  if not np.allclose(rebuilt, base / factors, rtol=1e-4):
+    raise ValueError(f"{path}: rope_freqs.weight does not follow Llama-3 scaling")
+  return scaling
+
+
+def tokenizer_from_gguf(reader, path: str) -> Tokenizer:
+  """The file's tokenizer: byte-level BPE (`tokenizer.ggml.model == gpt2`) as tokenizer.json, or
+  SentencePiece (`llama`: pieces, scores and types from a tokenizer.model) as a model proto."""
+  kind = _meta(reader, "tokenizer.ggml.model")
+  if kind == "llama":
+    return _sentencepiece(reader, path)
+  if kind != "gpt2":
+    raise ValueError(
+      f"{path}: GGUF tokenizer model {kind!r} is not supported (gpt2 BPE, llama SentencePiece)"
+    )
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-  kind = _meta(reader, "tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (gpt2 BPE)")
   tokens = list(_meta(reader, "tokenizer.ggml.tokens"))
   merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges", [])]
   types = list(_meta(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
@@ -141,14 +182,57 @@ def tokenizer_from_gguf(reader, path: str) -> HFTokenizer:
   )
 
 
-def read_gguf(path: str, scan_layers: bool = True):
-  """(ModelConfig, parameters, tokenizer, generation defaults) of a GGUF file."""
+def _sentencepiece(reader, path: str) -> SentencePieceTokenizer:
+  """A SentencePiece BPE model proto rebuilt from the vocabulary llama.cpp copied out of one.
+
+  GGUF token types are SentencePiece's piece types (1 normal, 2 unknown, 3 control, 4 user
+  defined, 5 unused, 6 byte); byte pieces mean byte fallback. Normalization is Llama's: no
+  rule, whitespace as U+2581, a dummy prefix unless `tokenizer.ggml.add_space_prefix` is false.
+  """
+  try:
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+  except ImportError:
+    raise ImportError("SentencePiece GGUF vocabularies need `pip install protobuf`") from None
+
+  tokens = list(_meta(reader, "tokenizer.ggml.tokens"))
+  scores = list(_meta(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
+  types = list(_meta(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+  if not len(tokens) == len(scores) == len(types):
+    raise ValueError(f"{path}: tokenizer tokens, scores and types differ in length")
+  proto = spm_pb2.ModelProto()
+  proto.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
+  proto.trainer_spec.vocab_size = len(tokens)
+  proto.trainer_spec.byte_fallback = 6 in types
+  special = {
+    "unk_id": _meta(reader, "tokenizer.ggml.unknown_token_id"),
+    "bos_id": _meta(reader, "tokenizer.ggml.bos_token_id"),
+    "eos_id": _meta(reader, "tokenizer.ggml.eos_token_id"),
+    "pad_id": _meta(reader, "tokenizer.ggml.padding_token_id"),
+  }
+  for field, value in special.items():
+    setattr(proto.trainer_spec, field, -1 if value is None else int(value))
+  add_prefix = _meta(reader, "tokenizer.ggml.add_space_prefix", True)
+  proto.normalizer_spec.name = "identity"
+  proto.normalizer_spec.add_dummy_prefix = bool(add_prefix)
+  proto.normalizer_spec.remove_extra_whitespaces = False
+  proto.normalizer_spec.escape_whitespaces = True
+  for token, score, kind in zip(tokens, scores, types, strict=True):
+    if kind not in (1, 2, 3, 4, 5, 6):
+      raise ValueError(f"{path}: token {token!r} has unknown type {kind}")
+    proto.pieces.add(piece=token, score=float(score), type=int(kind))
+  return SentencePieceTokenizer(proto.SerializeToString())
+
+
+def read_gguf(path: str, scan_layers: bool = True, dtype: str = "float32"):
+  """(ModelConfig, parameters in `dtype`, tokenizer, generation defaults) of a GGUF file."""
   from decoderjax import hf
 
   reader = _open(path)
-  cfg = config_from_gguf(reader, path).replace(scan_layers=scan_layers)
+  cfg = config_from_gguf(reader, path).replace(
+    scan_layers=scan_layers, param_dtype=dtype, dtype=dtype
+  )
   tensors = GGUFTensors(reader, path, cfg.num_heads, cfg.kv_heads)
-  params = hf.params_from_hf(tensors, cfg, "llama")
+  params = hf.params_from_hf(tensors, cfg, "llama", jnp.dtype(dtype))
   generation = {}
   template = _meta(reader, "tokenizer.chat_template")
   if template:

@@ -121,7 +121,7 @@ class SafetensorsReader:
       raise ValueError(f"tensor {name!r} is missing from the checkpoint")
     file = self.location[name]
     try:
-      return np.asarray(self.files[file].get_tensor(name), np.float32)
+      return np.asarray(self.files[file].get_tensor(name))  # as stored; cast per layer later
     except Exception as e:
       raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
@@ -253,25 +253,39 @@ def params_from_hf(reader, cfg: ModelConfig, arch: str, dtype=np.float32):
     if not cfg.tie_embeddings:
       params["head"] = get("lm_head.weight").T
     layer = _llama_layer
-  layers = [layer(get, i, cfg) for i in range(cfg.num_layers)]
+  params = _cast(params, dtype)
+  # Streamed: each layer's tensors are read, cast and written into their place (a slice of the
+  # stacked [L, ...] arrays when scanned) before the next layer is read, so the model is held
+  # once, in the target dtype, plus one layer in flight.
+  stacked = None
+  for i in range(cfg.num_layers):
+    one = _cast(layer(get, i, cfg), dtype)
+    if not cfg.scan_layers:
+      params[f"layers_{i}"] = one
+      continue
+    if stacked is None:
+      stacked = _map(lambda x: np.empty((cfg.num_layers, *x.shape), x.dtype), one)
+    _map(lambda buf, x, i=i: buf.__setitem__(i, x), stacked, one)
+  if stacked is not None:
+    params["layers"] = stacked
   ignorable = {"lm_head.weight"} | {k for k in keys if k.endswith(("attn.bias", "masked_bias"))}
   extra = sorted(keys - used - ignorable)
   if extra:
     raise ValueError(f"unexpected tensor(s) in the checkpoint: {extra[:5]}")
-  if cfg.scan_layers:
-    params["layers"] = {
-      group: {name: np.stack([lp[group][name] for lp in layers]) for name in layers[0][group]}
-      for group in layers[0]
-    }
-  else:
-    params.update({f"layers_{i}": lp for i, lp in enumerate(layers)})
-  return _cast(params, dtype)
+  return params
+
+
+def _map(fn, tree, *rest):
+  """fn over the leaves of nested dicts of the same structure."""
+  if isinstance(tree, dict):
+    return {k: _map(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
+  return fn(tree, *rest)
 
 
 def _cast(tree, dtype):
   if isinstance(tree, dict):
     return {k: _cast(v, dtype) for k, v in tree.items()}
-  return np.asarray(tree).astype(dtype)
+  return np.asarray(tree).astype(dtype, copy=False)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -274,7 +274,7 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
 
   n_trainable = count_params(state.params)
   n_params = n_trainable + count_params(frozen)
-  flops_per_token = metrics_lib.flops_per_token(exp.model, exp.data.seq_len)
+  flops_per_token = metrics_lib.flops_per_token(exp.model, exp.data.seq_len, not adapter_only)
   peak = exp.train.peak_flops or metrics_lib.peak_flops(exp.model.dtype)
   trains = "" if n_trainable == n_params else f" ({n_trainable:,} trainable, {method})"
   print(
@@ -313,6 +313,7 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
   start_step = int(state.step)
   step_tokens = exp.train.batch_size * exp.data.seq_len
   t_last, step_last = time.perf_counter(), start_step
+  paused = 0.0  # seconds of evaluation, samples and saves since t_last (not training)
   samples = not exp.model.num_labels  # a classifier has no text to sample
   try:
     if exp.eval.at_start and start_step == 0:  # the starting point competes for the best too
@@ -338,8 +339,8 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
       record = None
       if done % exp.train.log_every == 0 or done == exp.train.steps:
         now = time.perf_counter()
-        tokens_per_sec = step_tokens * (done - step_last) / (now - t_last)
-        t_last, step_last = now, done
+        tokens_per_sec = step_tokens * (done - step_last) / max(now - t_last - paused, 1e-9)
+        t_last, step_last, paused = now, done, 0.0
         record = {
           "step": done,
           "loss": loss,
@@ -348,6 +349,7 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
           "tokens_per_sec": tokens_per_sec,
           "mfu": flops_per_token * tokens_per_sec / (peak * jax.device_count()),
         }
+      extras_start = time.perf_counter()
       eval_now = bool(exp.eval.every_steps and done % exp.eval.every_steps == 0)
       if eval_now or done == exp.train.steps:
         eval_now = True
@@ -369,6 +371,7 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
         or (exp.checkpoint.every_steps and done % exp.checkpoint.every_steps == 0)
       ):
         save(done, {k: v for k, v in last.items() if k != "step"} if eval_now else None)
+      paused += time.perf_counter() - extras_start
       if stopped_early:
         print(
           f"early stopping at step {done}: no better {exp.train.best_metric} in {patience} "

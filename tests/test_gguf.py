@@ -18,6 +18,15 @@ from decoderjax import convert, modeldir  # noqa: E402
 
 V, D, N, K, F, L = 256, 64, 4, 2, 128, 2
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+# gguf-py cannot quantize to K-quants: their tensors are random blocks whose f16 super-block
+# scales (byte offsets per type) are set to give weights of about 0.05 standard deviation.
+K_QUANTS = {
+  "Q2_K": ((80, 82), 4e-3),
+  "Q3_K": ((108,), 1e-3),
+  "Q4_K": ((0, 2), 2.3e-4),
+  "Q5_K": ((0, 2), 1.2e-4),
+  "Q6_K": ((208,), 4e-5),
+}
 NAMES = {
   "model.embed_tokens.weight": "token_embd.weight",
   "model.norm.weight": "output_norm.weight",
@@ -43,20 +52,36 @@ def gguf_name(hf_name):
   return f"blk.{i}.{LAYER[rest]}"
 
 
-@pytest.fixture(scope="module")
-def hf_model():
+def llama(width=D, mlp=F, **changes):
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(
-    vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=N,
-    num_key_value_heads=K, intermediate_size=F, max_position_embeddings=64,
-    rope_theta=10000.0, tie_word_embeddings=False,
-  )  # fmt: skip
+  cfg = transformers.LlamaConfig(**{
+    **dict(vocab_size=V, hidden_size=width, num_hidden_layers=L, num_attention_heads=N,
+           num_key_value_heads=K, intermediate_size=mlp, max_position_embeddings=64,
+           rope_theta=10000.0, tie_word_embeddings=False),
+    **changes,
+  })  # fmt: skip
   model = transformers.LlamaForCausalLM(cfg).eval()
   with torch.no_grad():
     for p in model.parameters():
       if p.ndim == 1:
         p.add_(0.1 * torch.randn_like(p))
   return model
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+  return llama()
+
+
+def random_k_quant(shape, kind, rng):
+  """Random K-quant blocks (256 weights each) for a [rows, cols] tensor, scales set sanely."""
+  offsets, scale = K_QUANTS[kind.name]
+  block, size = gguf.GGML_QUANT_SIZES[kind]
+  raw = rng.integers(0, 256, (shape[0], shape[1] // block * size), dtype=np.uint8)
+  blocks = raw.reshape(-1, size)
+  for offset in offsets:
+    blocks[:, offset : offset + 2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
+  return raw
 
 
 def tokenizer_pieces():
@@ -72,16 +97,16 @@ def tokenizer_pieces():
   return tokens, merges, tok
 
 
-def write_gguf(path, model, qtype):
+def write_gguf(path, model, qtype, extra=None):
   tokens, merges, _ = tokenizer_pieces()
   w = gguf.GGUFWriter(str(path), "llama")
   w.add_block_count(L)
   w.add_context_length(64)
-  w.add_embedding_length(D)
-  w.add_feed_forward_length(F)
+  w.add_embedding_length(model.config.hidden_size)
+  w.add_feed_forward_length(model.config.intermediate_size)
   w.add_head_count(N)
   w.add_head_count_kv(K)
-  w.add_rope_freq_base(10000.0)
+  w.add_rope_freq_base(model.config.rope_parameters["rope_theta"])
   w.add_layer_norm_rms_eps(model.config.rms_norm_eps)
   w.add_vocab_size(V)
   w.add_tokenizer_model("gpt2")
@@ -91,6 +116,7 @@ def write_gguf(path, model, qtype):
   w.add_eos_token_id(0)
   w.add_chat_template("{{ messages[0]['content'] }}")
   reference = {}
+  rng = np.random.default_rng(0)
   for name, p in model.state_dict().items():
     x = p.numpy().astype(np.float32)
     kind = gguf.GGMLQuantizationType[qtype if x.ndim == 2 else "F32"]
@@ -102,6 +128,8 @@ def write_gguf(path, model, qtype):
       data = stored
     elif kind.name == "F16":
       data = stored.astype(np.float16)
+    elif kind.name in K_QUANTS:
+      data = random_k_quant(stored.shape, kind, rng)
     else:
       data = gguf.quants.quantize(stored, kind)
     w.add_tensor(gguf_name(name), data, raw_dtype=kind)  # data: quantized bytes
@@ -110,6 +138,8 @@ def write_gguf(path, model, qtype):
     if name.endswith(("q_proj.weight", "k_proj.weight")):
       roundtrip = roundtrip.reshape(n, x.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(x.shape)
     reference[name] = torch.from_numpy(np.ascontiguousarray(roundtrip, np.float32))
+  if extra is not None:
+    extra(w)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -117,8 +147,10 @@ def write_gguf(path, model, qtype):
   return reference
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES + list(K_QUANTS))
 def test_gguf_matches_transformers_on_the_dequantized_weights(qtype, tmp_path, hf_model):
+  if qtype in K_QUANTS:  # K-quant rows are whole 256-weight super-blocks
+    hf_model = llama(width=256, mlp=256)
   reference = write_gguf(tmp_path / "m.gguf", hf_model, qtype)
   ref_model = transformers.LlamaForCausalLM(hf_model.config).eval()
   ref_model.load_state_dict(reference)
@@ -178,3 +210,81 @@ def test_real_smollm2_gguf_answers(tmp_path_factory):
   assert result.returncode == 0, result.stderr[-2000:]
   [record] = json.loads((where / "g.json").read_text())
   assert "Paris" in record["text"]
+
+
+def test_sentencepiece_vocabulary_rebuilds_the_same_tokenizer(tmp_path):
+  """A `llama`-model GGUF vocabulary (pieces, scores, types of a SentencePiece BPE model with
+  byte fallback) encodes and decodes exactly as the SentencePiece model it came from."""
+  import sentencepiece as spm
+  from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+  from decoderjax import ggufio
+
+  text = "To be, or not to be, that is the question:\n Whether 'tis nobler in the mind\n" * 30
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(text.splitlines()), model_prefix=str(tmp_path / "sp"),
+    vocab_size=300, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+    bos_id=1, eos_id=2, unk_id=0, pad_id=-1, add_dummy_prefix=True,
+    remove_extra_whitespaces=False, normalization_rule_name="identity",
+  )  # fmt: skip
+  original = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+  proto = spm_pb2.ModelProto()
+  proto.ParseFromString((tmp_path / "sp.model").read_bytes())
+  w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "llama")
+  w.add_tokenizer_model("llama")
+  w.add_token_list([p.piece for p in proto.pieces])
+  w.add_token_scores([p.score for p in proto.pieces])
+  w.add_token_types([int(p.type) for p in proto.pieces])
+  w.add_unk_token_id(0)
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  tok = ggufio.tokenizer_from_gguf(ggufio._open(str(tmp_path / "v.gguf")), "v.gguf")
+  assert tok.kind == "sentencepiece" and (tok.bos_id, tok.eos_id) == (1, 2)
+  assert tok.vocab_size == original.get_piece_size()
+  for sample in ["To be, or not to be", "  nobler  in the mind", "Ophelia — ünïcødé 🙂", "q"]:
+    assert tok.encode(sample) == original.encode(sample), sample
+    assert tok.decode(tok.encode(sample)) == original.decode(original.encode(sample))
+
+
+def llama3_rope_factors(cfg):
+  """llama.cpp's rope_freqs.weight for a transformers Llama-3 rope_scaling (its formula)."""
+  rope = cfg.rope_parameters
+  head = cfg.hidden_size // cfg.num_attention_heads
+  freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head, 2, dtype=np.float64) / head)
+  old, factor = rope["original_max_position_embeddings"], rope["factor"]
+  low_wavelen, high_wavelen = old / rope["low_freq_factor"], old / rope["high_freq_factor"]
+  out = []
+  for freq in freqs:
+    wavelen = 2 * np.pi / freq
+    if wavelen < high_wavelen:
+      out.append(1.0)
+    elif wavelen > low_wavelen:
+      out.append(factor)
+    else:
+      smooth = (old / wavelen - rope["low_freq_factor"]) / (
+        rope["high_freq_factor"] - rope["low_freq_factor"]
+      )
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(out, np.float32)
+
+
+def test_llama3_rope_frequency_factors(tmp_path):
+  """A Llama-3 GGUF carries its RoPE scaling as rope_freqs.weight; it converts back to the same
+  scaling parameters and the same logits as transformers' model."""
+  rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 256, "rope_theta": 500000.0}  # fmt: skip
+  scaled = llama(width=128, rope_parameters=rope)
+  assert scaled.config.rope_parameters["rope_type"] == "llama3"
+  path = tmp_path / "m.gguf"
+  write_gguf(path, scaled, "F32", extra=lambda w: w.add_tensor(
+    "rope_freqs.weight", llama3_rope_factors(scaled.config)))  # fmt: skip
+  convert.convert_gguf(str(path), str(tmp_path / "ours"))
+  ours = modeldir.load_model_dir(str(tmp_path / "ours"))
+  s = ours.config.rope_scaling
+  assert (s.factor, s.low_freq_factor, s.high_freq_factor) == (8.0, 1.0, 4.0)
+  assert s.original_max_position == 256
+  assert_same_logits(scaled, ours, np.random.default_rng(0).integers(0, V, (2, 60)))
