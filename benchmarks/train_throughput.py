@@ -43,6 +43,12 @@ def model_config(shape: dict):
 
 
 def peak_rss() -> float:
+  """This process's resident high-water mark (VmHWM; ru_maxrss would include the forked
+  parent's memory from before exec)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return float(line.split()[1]) * 1024
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
 
 
@@ -174,7 +180,7 @@ def measure(framework: str, shape_name: str, steps: int) -> dict:
   return json.loads(line[len("RESULT ") :])
 
 
-def summarize(name: str, runs: list[dict], peak: float, flops_per_token: float, tokens: int):
+def summarize(runs: list[dict], peak: float, flops_per_token: float, tokens: int):
   rates = [tokens / statistics.median(r["step_s"]) for r in runs]
   rate = statistics.median(rates)
   return {
@@ -217,7 +223,7 @@ def main():
       ("transformers", limits["torch_matmul_flops"]),
     ):
       runs = [measure(framework, name, args.steps) for _ in range(args.repeats)]
-      per[framework] = summarize(framework, runs, peak, fpt, tokens)
+      per[framework] = summarize(runs, peak, fpt, tokens)
       print(f"{name} {framework}: {per[framework]}", flush=True)
     per["speedup"] = per["decoderjax"]["tokens_per_s"] / per["transformers"]["tokens_per_s"]
     results[name] = {"shape": shape, "flops_per_token": fpt, **per}
