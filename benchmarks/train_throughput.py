@@ -31,14 +31,16 @@ SHAPES = {  # name: model and batch (nanoGPT's baby char model and GPT-2 124M, a
 }
 
 
-def model_config(shape: dict):
+def model_config(shape: dict, scan: bool | None = None):
+  """decoderjax's GPT-2-shaped config; layers scanned above 4 unless `scan` says otherwise."""
   from decoderjax.config import ModelConfig
 
+  scan = shape["layers"] > 4 if scan is None else scan
   return ModelConfig(
     vocab_size=shape["vocab"], max_seq_len=shape["seq"], num_layers=shape["layers"],
     num_heads=shape["heads"], embed_dim=shape["width"], mlp_dim=4 * shape["width"],
     position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True,
-    scan_layers=shape["layers"] > 4,
+    scan_layers=scan,
   )  # fmt: skip
 
 
@@ -61,7 +63,7 @@ def time_steps(step, steps: int) -> list[float]:
   return times
 
 
-def run_decoderjax(shape: dict, steps: int) -> dict:
+def run_decoderjax(shape: dict, steps: int, scan: bool | None = None) -> dict:
   from decoderjax import sharding
 
   sharding.split_cpu(-1, (shape["batch"],))  # as the train binary does, before JAX starts
@@ -74,7 +76,7 @@ def run_decoderjax(shape: dict, steps: int) -> dict:
   from decoderjax.optimizer import OptimizerConfig, make_optimizer, make_schedule
   from decoderjax.steps import LossConfig, train_step
 
-  cfg = model_config(shape)
+  cfg = model_config(shape, scan)
   exp = experiment.Experiment(
     cfg, data.DataConfig(seq_len=shape["seq"]), OptimizerConfig(), LossConfig(),
     experiment.TrainConfig(batch_size=shape["batch"]), experiment.EvalConfig(),
@@ -162,17 +164,19 @@ def ceilings() -> dict:
   return best
 
 
-def child(framework: str, shape_name: str, steps: int) -> None:
+def child(framework: str, shape_name: str, steps: int, scan: bool | None) -> None:
   shape = SHAPES[shape_name]
-  run = run_decoderjax if framework == "decoderjax" else run_transformers
-  out = run(shape, steps)
+  if framework == "decoderjax":
+    out = run_decoderjax(shape, steps, scan)
+  else:
+    out = run_transformers(shape, steps)
   out["peak_rss"] = peak_rss()
   print("RESULT " + json.dumps(out))
 
 
-def measure(framework: str, shape_name: str, steps: int) -> dict:
+def measure(framework: str, shape_name: str, steps: int, layers: str) -> dict:
   command = [sys.executable, os.path.abspath(__file__), f"--child={framework}:{shape_name}",
-             f"--steps={steps}"]  # fmt: skip
+             f"--steps={steps}", f"--layers={layers}"]  # fmt: skip
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode:
     raise SystemExit(f"{framework} {shape_name} failed:\n{result.stderr[-3000:]}")
@@ -201,11 +205,15 @@ def main():
   parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
   parser.add_argument("--json", help="write the results here")
   parser.add_argument("--markdown", help="write the table here")
+  parser.add_argument(
+    "--layers", default="auto", choices=["auto", "scan", "unrolled"],
+    help="decoderjax's layers: nn.scan, an unrolled loop, or auto (scan above 4 layers)",
+  )  # fmt: skip
   parser.add_argument("--child", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     framework, shape = args.child.split(":")
-    return child(framework, shape, args.steps)
+    return child(framework, shape, args.steps, {"scan": True, "unrolled": False}.get(args.layers))
 
   from decoderjax.metrics import flops_per_token
 
@@ -222,7 +230,7 @@ def main():
       ("decoderjax", limits["xla_matmul_flops"]),
       ("transformers", limits["torch_matmul_flops"]),
     ):
-      runs = [measure(framework, name, args.steps) for _ in range(args.repeats)]
+      runs = [measure(framework, name, args.steps, args.layers) for _ in range(args.repeats)]
       per[framework] = summarize(runs, peak, fpt, tokens)
       print(f"{name} {framework}: {per[framework]}", flush=True)
     per["speedup"] = per["decoderjax"]["tokens_per_s"] / per["transformers"]["tokens_per_s"]
