@@ -109,16 +109,7 @@ def write_model_dir(source, output, cfg, params, tokenizer, generation) -> None:
   """Checks shapes against the config, then writes via a temporary folder and a rename."""
   modeldir.check_shapes(params, modeldir.abstract_params(cfg), source)
   with _staged(output) as staging:
-    modeldir.save_model_dir(staging, cfg, _to_jax(params), tokenizer, generation)
-
-
-def _to_jax(tree: dict) -> dict:
-  """Host arrays -> JAX arrays, each numpy buffer released as soon as it is copied (Orbax
-  would otherwise copy the whole tree at once while saving: twice the model in memory)."""
-  return {
-    k: _to_jax(v) if isinstance(v, dict) else jax.numpy.asarray(v)
-    for k, v in ((k, tree.pop(k)) for k in list(tree))
-  }
+    modeldir.save_model_dir(staging, cfg, params, tokenizer, generation)
 
 
 def export_hf(source: str, output: str) -> None:

@@ -13,7 +13,6 @@ import json
 import math
 
 import jax
-import numpy as np
 from absl import flags
 
 from decoderjax import cli, data, metrics, modeldir, sharding, tasks
@@ -40,27 +39,17 @@ def row_length(model, meta: dict) -> int:
 
 
 def score(model, batches, mesh) -> dict:
-  """Loss sums over batches (and a classifier's accuracy / macro-F1)."""
+  """Loss over batches (and a classifier's accuracy / macro-F1)."""
   step = jax.jit(lambda p, b: eval_step(p, b, cfg=model.config, loss_cfg=LossConfig()))
-  loss_sum = count = 0.0
-  predictions, labels = [], []
   with sharding.activate(mesh):
-    for batch in batches:
-      out = step(model.params, batch)
-      loss_sum, count = loss_sum + float(out["loss_sum"]), count + float(out["weight_sum"])
-      if "predictions" in out:
-        real = batch["example_weights"] > 0
-        predictions.append(np.asarray(out["predictions"])[real])
-        labels.append(batch["labels"][real])
-  if not count:
+    outputs = ((jax.device_get(step(model.params, batch)), batch) for batch in batches)
+    totals = metrics.eval_totals(outputs, model.config.num_labels)
+  weight, loss = totals.pop("weight"), totals["loss"]
+  if not weight:
     raise ValueError("nothing to score: no tokens or examples")
-  loss = loss_sum / count
-  if predictions:
-    scores = metrics.classification_metrics(
-      np.concatenate(predictions), np.concatenate(labels), model.config.num_labels
-    )
-    return {**scores, "loss": loss}
-  return {"tokens": int(count), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+  if model.config.num_labels:
+    return totals
+  return {"tokens": int(weight), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
 def main(argv):
@@ -71,18 +60,17 @@ def main(argv):
   meta = modeldir.read_metadata(_CHECKPOINT.value)
   model = modeldir.load_model_dir(_CHECKPOINT.value, mesh)
   tok, seq_len = model.tokenizer, row_length(model, meta)
+  fields = dataclasses.replace(data.DataConfig(), **meta.get("data_fields", {}))
   if model.config.num_labels:
     if _DATA_PATH.value is None:
       raise ValueError(f"{_CHECKPOINT.value} is a classifier: give --data_path=RECORDS")
-    cfg = dataclasses.replace(data.DataConfig(), **meta.get("data_fields", {}))
     records = tasks.read_records(_DATA_PATH.value)
-    rows = tasks.classify_rows(records, tok, cfg, seq_len, model.labels)
+    rows = tasks.classify_rows(records, tok, fields, seq_len, model.labels)
     result = score(model, tasks.row_batches(rows, _BATCH.value), mesh)
   elif _DATA_PATH.value is not None:
-    cfg = dataclasses.replace(data.DataConfig(), **meta.get("data_fields", {}))
     records = tasks.read_records(_DATA_PATH.value)
     template = model.generation.get("chat_template")
-    examples = [tasks.sft_example(r, tok, cfg, template, f"{p}:{n}") for p, n, r in records]
+    examples = [tasks.sft_example(r, tok, fields, template, f"{p}:{n}") for p, n, r in records]
     rows, _ = tasks.pack_sft(examples, seq_len, False, 0)
     result = {**score(model, tasks.row_batches(rows, _BATCH.value), mesh)}
     result["examples"] = len(examples)

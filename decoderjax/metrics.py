@@ -72,6 +72,25 @@ def classification_metrics(predictions_N, labels_N, num_labels: int) -> dict[str
   return {"accuracy": accuracy, "macro_f1": float(np.mean(f1)), "examples": int(len(labels_N))}
 
 
+def eval_totals(outputs, num_labels: int = 0) -> dict:
+  """(eval_step output on the host, batch) pairs -> {"loss", "weight"} summed over all of them,
+  plus a classifier's accuracy, macro-F1 and example count over the real (weighted) rows."""
+  loss_sum = weight = 0.0
+  predictions, labels = [], []
+  for out, batch in outputs:
+    loss_sum, weight = loss_sum + float(out["loss_sum"]), weight + float(out["weight_sum"])
+    if "predictions" in out:
+      real = batch["example_weights"] > 0
+      predictions.append(np.asarray(out["predictions"])[real])
+      labels.append(batch["labels"][real])
+  totals = {"loss": loss_sum / max(weight, 1.0), "weight": weight}
+  if predictions:
+    totals.update(
+      classification_metrics(np.concatenate(predictions), np.concatenate(labels), num_labels)
+    )
+  return totals
+
+
 class Logger:
   """metrics.jsonl + TensorBoard + a progress line (a bar on a TTY, plain lines otherwise)."""
 

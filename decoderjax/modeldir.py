@@ -20,6 +20,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from decoderjax import adapters
@@ -34,6 +35,7 @@ GENERATION_FILE = "generation.json"
 TOKENIZER_DIR = "tokenizer"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
+SAVE_CHUNK_BYTES = 64 << 20  # zarr chunks of `params/`: what a save holds per array in flight
 BEST_METRIC = "objective"  # what the best checkpoint minimizes (val_loss, or -accuracy, ...)
 
 DEFAULT_GENERATION = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_new_tokens": 256}
@@ -102,8 +104,22 @@ def abstract_params(cfg: ModelConfig, mesh=None, rules=sharding_lib.DEFAULT_RULE
 
 
 def save_params(directory: str, params) -> None:
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(os.path.join(directory, PARAMS_DIR)), params)
+  """Writes `params/` from JAX or numpy leaves; numpy leaves (conversions) are never copied.
+
+  Orbax's defaults would deep-copy numpy leaves, then encode each array as one chunk inside
+  one OCDBT file: a converted 7B model held about twice. The save blocks, so numpy leaves are
+  written from their own memory, in chunks of at most SAVE_CHUNK_BYTES, one zarr folder per
+  leaf (1B model: 1.05x its bytes at the peak of the save instead of 2.0x).
+  """
+  registry = ocp.type_handlers.create_type_handler_registry(
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (jax.Array, ocp.type_handlers.ArrayHandler()),
+  )
+  handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=registry)
+  chunks = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=SAVE_CHUNK_BYTES), params)
+  with ocp.Checkpointer(handler) as ckptr:
+    path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+    ckptr.save(path, args=ocp.args.PyTreeSave(params, save_args=chunks))
 
 
 def save_model_dir(directory, cfg, params, tokenizer, generation=None) -> None:

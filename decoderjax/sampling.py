@@ -303,6 +303,11 @@ def compile_programs(params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampl
     mask_BT=mask_BT,
     rng=rng,
   )
+  state = jax.tree.map(  # decode takes the state as prefill lays it out over the mesh
+    lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+    state,
+    prefill_fn.output_shardings,
+  )
   decode_fn = decode.lower(params, cfg, state, 0, stop_array(stop_ids), sampling).compile()
   return prefill_fn, decode_fn
 

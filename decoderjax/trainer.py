@@ -126,27 +126,28 @@ def frozen_params(exp: Experiment, layout, mesh) -> dict:
   return modeldir.load_base(exp.init_from, layout["frozen_abstract"], mesh, exp.mesh.rules)
 
 
+CLASSIFY_METRICS = ("accuracy", "macro_f1", "examples")
+
+
 def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh) -> dict:
   """Validation loss (and a classifier's accuracy and macro-F1) over the validation split."""
-  loss_sum, weight_sum, predictions, labels = 0.0, 0.0, [], []
   batch_size = exp.eval.batch_size or exp.train.batch_size
   rows = sharding_lib.local_batch_rows(mesh, batch_size)
-  for batch in dataset.eval_batches(batch_size, exp.eval.max_batches):
-    local = {k: v[rows] for k, v in batch.items()}
-    out = eval_fn(params, sharding_lib.global_batch(mesh, local), frozen)
-    loss_sum += float(out["loss_sum"])
-    weight_sum += float(out["weight_sum"])
-    if "predictions" in out:
-      real = batch["example_weights"] > 0
-      predictions.append(np.asarray(sharding_lib.fetch(out["predictions"]))[real])
-      labels.append(batch["labels"][real])
-  loss = loss_sum / max(weight_sum, 1.0)
-  result = {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0)))}
-  if predictions:
-    scores = metrics_lib.classification_metrics(
-      np.concatenate(predictions), np.concatenate(labels), exp.model.num_labels
-    )
-    result = {"val_loss": loss, **{f"val_{k}": v for k, v in scores.items()}}
+
+  def outputs():
+    for batch in dataset.eval_batches(batch_size, exp.eval.max_batches):
+      global_batch = sharding_lib.global_batch(mesh, {k: v[rows] for k, v in batch.items()})
+      out = eval_fn(params, global_batch, frozen)
+      if "predictions" in out:  # sharded over the batch: gathered onto every host
+        out = {**out, "predictions": sharding_lib.fetch(out["predictions"])}
+      yield out, batch
+
+  totals = metrics_lib.eval_totals(outputs(), exp.model.num_labels)
+  loss = totals["loss"]
+  if exp.model.num_labels:
+    result = {"val_loss": loss, **{f"val_{k}": totals[k] for k in CLASSIFY_METRICS}}
+  else:
+    result = {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0)))}
   metric = result[exp.train.best_metric]
   result["objective"] = metric if exp.train.best_metric == "val_loss" else -metric
   return result

@@ -81,7 +81,7 @@ def test_generation_and_evaluation_run_sharded(tmp_path, single_device_run):
     return json.loads(out.read_text())
 
   greedy = ["--prompt=word1 and", "--prompt=more", "--temperature=0", "--max_new_tokens=12"]
-  mesh = ["--mesh_tensor=2", "--mesh_fsdp=4"]
+  mesh = ["--mesh_data=2", "--mesh_tensor=2", "--mesh_fsdp=2"]
   assert run("generate", *greedy, *mesh, env=EIGHT) == run("generate", *greedy)
   text = tmp_path / "t.txt"
   text.write_text("word3 and more4. word5 and more6. " * 20)
