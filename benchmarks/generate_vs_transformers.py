@@ -1,8 +1,10 @@
 """Greedy decoding speed against transformers (PyTorch, CPU, float32), same model and machine.
 
 A SmolLM2-135M-shaped Llama (random weights, converted through `decoderjax.convert`), prompt of
-128 tokens, 128 new tokens, batch 1 and 8. Prints prefill and decode tokens/s for both, and the
-bandwidth bound of batch-1 decode: float32 weight bytes over the measured memory copy rate.
+128 tokens, 128 new tokens, batch 1 and 8, float32 and bfloat16 weights. Each figure is measured
+in a process of its own (PyTorch's and XLA's thread pools never share the cores). Prints prefill
+and decode tokens/s for both, and the bandwidth bound of decode: the weight bytes over the
+measured memory copy rate, per row.
 
   python benchmarks/generate_vs_transformers.py [--json=FILE]
 """
@@ -12,6 +14,8 @@ import functools
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -90,49 +94,80 @@ def _figures(prompt_tokens, prefill_s, new_tokens, decode_s) -> dict:
   }
 
 
+def worker(args) -> dict:
+  """One framework, batch and dtype, alone in this process (no other runtime's threads)."""
+  prompt = np.random.default_rng(args.batch).integers(0, SMOLLM2_135M["vocab_size"],
+                                                      (args.batch, args.prompt_len))  # fmt: skip
+  if args.worker == "transformers":
+    torch.manual_seed(0)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = transformers.LlamaForCausalLM.from_pretrained(args.dir, dtype=dtype).eval()
+    return bench_transformers(model, prompt, args.new_tokens, args.repeats)
+  ours = modeldir.load_model_dir(args.dir)
+  return bench_decoderjax(ours.params, ours.config, prompt, args.new_tokens, args.repeats)
+
+
+def run_worker(kind: str, directory: str, batch: int, dtype: str, args) -> dict:
+  command = [sys.executable, __file__, f"--worker={kind}", f"--dir={directory}",
+             f"--batch={batch}", f"--dtype={dtype}", f"--prompt_len={args.prompt_len}",
+             f"--new_tokens={args.new_tokens}", f"--repeats={args.repeats}"]  # fmt: skip
+  out = subprocess.run(command, capture_output=True, text=True, check=False)
+  if out.returncode:
+    raise RuntimeError(f"{kind} batch {batch} {dtype} failed:\n{out.stderr[-3000:]}")
+  result = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
+  return json.loads(result.removeprefix("RESULT "))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--prompt_len", type=int, default=128)
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--json", help="write the figures here")
+  parser.add_argument("--worker", choices=["decoderjax", "transformers"], help=argparse.SUPPRESS)
+  parser.add_argument("--dir", help=argparse.SUPPRESS)
+  parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.worker:
+    print("RESULT " + json.dumps(worker(args)))
+    return
   torch.manual_seed(0)
   config = transformers.LlamaConfig(**SMOLLM2_135M)
   hf_model = transformers.LlamaForCausalLM(config).eval()
-  with tempfile.TemporaryDirectory() as tmp:
-    hf_model.save_pretrained(os.path.join(tmp, "hf"), safe_serialization=True)
-    with open(os.path.join(tmp, "hf", "tokenizer.json"), "w") as f:
-      f.write(_tokenizer_json())
-    convert.convert_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "ours"))
-    ours = modeldir.load_model_dir(os.path.join(tmp, "ours"))
-  weight_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(ours.params))
   bandwidth = copy_bandwidth()
-  bound = bandwidth / weight_bytes  # batch-1 steps/s if every step reads all weights once
   rows = []
-  rng = np.random.default_rng(0)
-  for batch in [int(b) for b in args.batches.split(",")]:
-    prompt = rng.integers(0, config.vocab_size, (batch, args.prompt_len))
-    theirs = bench_transformers(hf_model, prompt, args.new_tokens, args.repeats)
-    mine = bench_decoderjax(ours.params, ours.config, prompt, args.new_tokens, args.repeats)
-    rows.append({"batch": batch, "transformers": theirs, "decoderjax": mine,
-                 "bound_decode_tok_s": bound * batch})  # fmt: skip
-  print(f"weights {weight_bytes / 1e6:.0f} MB float32; copy bandwidth {bandwidth / 1e9:.1f} GB/s;"
-        f" batch-1 decode bound {bound:.1f} tok/s; {os.cpu_count()} CPUs")  # fmt: skip
-  print("| batch | decoderjax decode tok/s | transformers decode tok/s | ratio | bound tok/s | "
-        "decoderjax prefill tok/s | transformers prefill tok/s |")  # fmt: skip
-  print("| --- | --- | --- | --- | --- | --- | --- |")
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_dir = os.path.join(tmp, "hf")
+    hf_model.save_pretrained(hf_dir, safe_serialization=True)
+    with open(os.path.join(hf_dir, "tokenizer.json"), "w") as f:
+      f.write(_tokenizer_json())
+    for dtype in args.dtypes.split(","):
+      ours_dir = os.path.join(tmp, dtype)
+      convert.convert_hf(hf_dir, ours_dir, dtype)
+      params = modeldir.load_model_dir(ours_dir).params
+      weight_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
+      for batch in [int(b) for b in args.batches.split(",")]:
+        theirs = run_worker("transformers", hf_dir, batch, dtype, args)
+        mine = run_worker("decoderjax", ours_dir, batch, dtype, args)
+        rows.append({"dtype": dtype, "batch": batch, "transformers": theirs, "decoderjax": mine,
+                     "weight_bytes": weight_bytes,
+                     "bound_decode_tok_s": bandwidth / weight_bytes * batch})  # fmt: skip
+  print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {os.cpu_count()} CPUs; each figure from its "
+        "own process; bound: batch x copy bandwidth / weight bytes")  # fmt: skip
+  print("| dtype | batch | decoderjax decode tok/s | transformers decode tok/s | ratio | "
+        "bound tok/s | decoderjax prefill tok/s | transformers prefill tok/s |")  # fmt: skip
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:
     d, t = r["decoderjax"], r["transformers"]
-    print(f"| {r['batch']} | {d['decode_tok_s']:.1f} | {t['decode_tok_s']:.1f} | "
+    print(f"| {r['dtype']} | {r['batch']} | {d['decode_tok_s']:.1f} | {t['decode_tok_s']:.1f} | "
           f"{d['decode_tok_s'] / t['decode_tok_s']:.2f}x | {r['bound_decode_tok_s']:.1f} | "
           f"{d['prefill_tok_s']:,.0f} | {t['prefill_tok_s']:,.0f} |")  # fmt: skip
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(
-        {"weight_bytes": weight_bytes, "copy_bandwidth": bandwidth, "rows": rows}, f, indent=2
-      )
+      json.dump({"copy_bandwidth": bandwidth, "rows": rows}, f, indent=2)
 
 
 def _tokenizer_json() -> str:
