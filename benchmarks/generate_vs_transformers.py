@@ -1,7 +1,9 @@
 """Greedy decoding speed against transformers (PyTorch, CPU, float32), same model and machine.
 
 A SmolLM2-135M-shaped Llama (random weights, converted through `decoderjax.convert`), prompt of
-128 tokens, 128 new tokens, batch 1 and 8, float32 and bfloat16 weights. Each figure is measured
+128 tokens, 128 new tokens, batch 1 and 8, float32, bfloat16 and int8 weights (ours from
+`python -m decoderjax.quantize`, theirs from PyTorch's dynamic int8 quantization of every
+nn.Linear; their embedding table stays float32). Each figure is measured
 in a process of its own (PyTorch's and XLA's thread pools never share the cores). Prints prefill
 and decode tokens/s for both, and the bandwidth bound of decode: the weight bytes over the
 measured memory copy rate, per row.
@@ -21,10 +23,8 @@ import time
 
 import jax
 import numpy as np
-import torch
-import transformers
 
-from decoderjax import convert, modeldir, sampling
+from decoderjax import convert, modeldir, quant, sampling
 from decoderjax.sampling import SamplingConfig
 
 SMOLLM2_135M = dict(
@@ -49,6 +49,8 @@ def _timed(fn) -> float:
 
 
 def bench_transformers(model, prompt: np.ndarray, new: int, repeats: int) -> dict:
+  import torch
+
   ids = torch.from_numpy(prompt).long()
   mask = torch.ones_like(ids)
   kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=mask)
@@ -99,9 +101,14 @@ def worker(args) -> dict:
   prompt = np.random.default_rng(args.batch).integers(0, SMOLLM2_135M["vocab_size"],
                                                       (args.batch, args.prompt_len))  # fmt: skip
   if args.worker == "transformers":
+    import torch
+    import transformers
+
     torch.manual_seed(0)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     model = transformers.LlamaForCausalLM.from_pretrained(args.dir, dtype=dtype).eval()
+    if args.dtype == "int8":  # PyTorch's own weight int8 for CPU inference: dynamic quantization
+      model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return bench_transformers(model, prompt, args.new_tokens, args.repeats)
   ours = modeldir.load_model_dir(args.dir)
   return bench_decoderjax(ours.params, ours.config, prompt, args.new_tokens, args.repeats)
@@ -123,7 +130,7 @@ def main():
   parser.add_argument("--prompt_len", type=int, default=128)
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--batches", default="1,8")
-  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--dtypes", default="float32,bfloat16,int8")  # int8 after float32
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--json", help="write the figures here")
   parser.add_argument("--worker", choices=["decoderjax", "transformers"], help=argparse.SUPPRESS)
@@ -134,6 +141,9 @@ def main():
   if args.worker:
     print("RESULT " + json.dumps(worker(args)))
     return
+  import torch  # PyTorch is imported only where it runs (the decoderjax workers never load it)
+  import transformers
+
   torch.manual_seed(0)
   config = transformers.LlamaConfig(**SMOLLM2_135M)
   hf_model = transformers.LlamaForCausalLM(config).eval()
@@ -146,7 +156,10 @@ def main():
       f.write(_tokenizer_json())
     for dtype in args.dtypes.split(","):
       ours_dir = os.path.join(tmp, dtype)
-      convert.convert_hf(hf_dir, ours_dir, dtype)
+      if dtype == "int8":  # python -m decoderjax.quantize of the float32 conversion
+        modeldir.export_model_dir(os.path.join(tmp, "float32"), ours_dir, quant.to_int8)
+      else:
+        convert.convert_hf(hf_dir, ours_dir, dtype)
       params = modeldir.load_model_dir(ours_dir).params
       weight_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
       for batch in [int(b) for b in args.batches.split(",")]:

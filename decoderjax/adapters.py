@@ -50,6 +50,11 @@ class FinetuneConfig:
 
 def finetuned_config(base: ModelConfig, ft: FinetuneConfig, num_labels: int = 0) -> ModelConfig:
   """The base model's config with the method's structure (adapters, soft prompt, head)."""
+  if base.quant != "none":
+    raise ValueError(
+      f"config.init_from: an {base.quant}-quantized model is for inference; fine-tune the float "
+      "model it was quantized from"
+    )
   changes = {"num_labels": num_labels}
   if ft.method == "lora":
     changes.update(

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
+QUANTS = ("none", "int8")
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "geglu")
@@ -67,6 +68,8 @@ class ModelConfig:
   lora_dropout: float = 0.0  # dropout on the adapters' inputs
   lora_targets: str = "q,k,v,o"  # comma-separated, of LORA_MODULES
   prompt_tokens: int = 0  # > 0: this many learned soft-prompt vectors precede every row
+  # Inference: "int8" stores projection and embedding weights as int8 with per-channel scales.
+  quant: str = "none"  # one of QUANTS (python -m decoderjax.quantize writes such models)
 
   def __post_init__(self):
     def fail(field, message):
@@ -84,6 +87,7 @@ class ModelConfig:
       ("param_dtype", DTYPES),
       ("remat", REMATS),
       ("attention_impl", ATTENTION_IMPLS),
+      ("quant", QUANTS),
     ):
       if getattr(self, field) not in allowed:
         fail(field, f"must be one of {allowed}, got {getattr(self, field)!r}")

@@ -15,11 +15,8 @@ MODEL_DIR and renamed into place only when complete.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -92,23 +89,10 @@ def convert_gguf(source: str, output: str, dtype: str = "float32") -> None:
   write_model_dir(source, output, cfg, params, tokenizer, generation)
 
 
-@contextlib.contextmanager
-def _staged(output: str):
-  """A temporary folder beside `output`, renamed to it only if the block completes."""
-  parent = os.path.dirname(os.path.abspath(output))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-  try:
-    yield staging
-    os.replace(staging, output)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-
-
 def write_model_dir(source, output, cfg, params, tokenizer, generation) -> None:
   """Checks shapes against the config, then writes via a temporary folder and a rename."""
   modeldir.check_shapes(params, modeldir.abstract_params(cfg), source)
-  with _staged(output) as staging:
+  with modeldir.staged(output) as staging:
     modeldir.save_model_dir(staging, cfg, params, tokenizer, generation)
 
 
@@ -118,9 +102,14 @@ def export_hf(source: str, output: str) -> None:
 
   model = modeldir.load_model_dir(source)  # LoRA adapters merged
   cfg, tok = model.config, model.tokenizer
-  if cfg.num_labels or cfg.prompt_tokens:
-    kind = "a classifier" if cfg.num_labels else "a prompt-tuned model"
-    raise ValueError(f"{source}: {kind} has no Hugging Face causal-LM form")
+  unexportable = {
+    "a classifier": cfg.num_labels,
+    "a prompt-tuned model": cfg.prompt_tokens,
+    f"an {cfg.quant} model (export the float model it was quantized from)": cfg.quant != "none",
+  }
+  for kind, applies in unexportable.items():
+    if applies:
+      raise ValueError(f"{source}: {kind} has no Hugging Face causal-LM form")
   config = hf.config_to_hf(cfg)
   if tok.kind not in ("hf", "sentencepiece"):
     raise ValueError(
@@ -128,7 +117,7 @@ def export_hf(source: str, output: str) -> None:
     )
   config.update(torch_dtype="float32", eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
   tensors = hf.params_to_hf(jax.tree.map(np.asarray, model.params), cfg, config["model_type"])
-  with _staged(output) as staging:
+  with modeldir.staged(output) as staging:
     save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
@@ -143,15 +132,6 @@ def export_hf(source: str, output: str) -> None:
       json.dump({"chat_template": template} if template else {}, f, indent=2)
 
 
-def export_model_dir(source: str, output: str) -> None:
-  """A workdir or adapter directory -> a standalone model directory (LoRA merged)."""
-  model = modeldir.load_model_dir(source)
-  extra = {"labels": model.labels}
-  with _staged(output) as staging:
-    modeldir.write_metadata(staging, model.config, model.tokenizer, model.generation, extra)
-    modeldir.save_params(staging, model.params)
-
-
 def main(argv):
   del argv
   if (_FROM.value is None) == (_TO.value is None):
@@ -163,7 +143,7 @@ def main(argv):
   elif _FROM.value == "gguf":
     convert_gguf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
   elif _TO.value == "decoderjax":
-    export_model_dir(_INPUT.value, _OUTPUT.value)
+    modeldir.export_model_dir(_INPUT.value, _OUTPUT.value)
   else:
     export_hf(_INPUT.value, _OUTPUT.value)
   print(f"wrote {_OUTPUT.value}")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from decoderjax.attention import Attention, attention_mask, resolve_impl
 from decoderjax.config import ModelConfig
-from decoderjax.layers import Mlp, Norm, constrain, dtype_of, param, sinusoidal_positions
+from decoderjax.layers import Mlp, Norm, constrain, dtype_of, param, sinusoidal_positions, weight
 
 Array = jax.Array
 
@@ -127,8 +127,10 @@ class Decoder(nn.Module):
       else:
         positions_BT = jnp.broadcast_to((cache.index + jnp.arange(t))[None, :], (b, t))
 
-    embedding_VD = param(self, "embedding", (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"))
-    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+    embedding_VD = weight(
+      self, "embedding", (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), keep=(0,)
+    )
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
     if cfg.embed_scale:
       x_BTD *= jnp.asarray(cfg.embed_dim**0.5, dtype)
     if embed_delta_BTD is not None:
@@ -244,7 +246,7 @@ class Decoder(nn.Module):
         "BTD,VD->BTV", x_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32
       )
     else:
-      head_DV = param(self, "head", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"))
+      head_DV = weight(self, "head", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), (1,))
       logits_BTV = jnp.einsum(
         "BTD,DV->BTV", x_BTD, head_DV.astype(dtype), preferred_element_type=jnp.float32
       )

@@ -14,9 +14,12 @@ base model's parameters and adds the adapters (merging LoRA into the weights by 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +129,38 @@ def save_model_dir(directory, cfg, params, tokenizer, generation=None) -> None:
   """Writes a complete, exported model directory."""
   write_metadata(directory, cfg, tokenizer, generation)
   save_params(directory, params)
+
+
+@contextlib.contextmanager
+def staged(output: str):
+  """A temporary folder beside `output`, renamed to it only if the block completes."""
+  parent = os.path.dirname(os.path.abspath(output))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
+  try:
+    yield staging
+    os.replace(staging, output)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+KEPT_EXTRAS = ("labels", "seq_len", "data_fields")  # config.json entries a standalone copy keeps
+
+
+def export_model_dir(source: str, output: str, transform=None) -> ModelDir:
+  """A workdir or adapter directory -> a standalone model directory (LoRA merged).
+
+  `transform(model) -> (config, params)` changes the model on the way (quantization).
+  """
+  model = load_model_dir(source)
+  meta = read_metadata(source)
+  cfg, params = transform(model) if transform else (model.config, model.params)
+  check_shapes(params, abstract_params(cfg), source)
+  extra = {key: meta.get(key) for key in KEPT_EXTRAS}
+  with staged(output) as staging:
+    write_metadata(staging, cfg, model.tokenizer, model.generation, extra)
+    save_params(staging, params)
+  return model
 
 
 def checkpoint_manager(directory: str, keep: int = 3, keep_best: bool = True, read_only=False):

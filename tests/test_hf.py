@@ -122,7 +122,7 @@ def test_convert_cli_and_bad_input(tmp_path, tokenizer_json):
   assert bad.returncode == 1 and "model.safetensors" in bad.stderr
   assert "Traceback" not in bad.stderr
   assert not os.path.exists(tmp_path / "n")  # nothing partial left behind
-  assert not [p for p in os.listdir(tmp_path) if p.startswith(".convert-")]
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".staging-")]
 
   (tmp_path / "odd").mkdir()
   (tmp_path / "odd" / "config.json").write_text('{"model_type": "bloom"}')
