@@ -180,7 +180,7 @@ class Attention(nn.Module):
     zeros = nn.initializers.zeros
 
     def project(name, heads, axis):
-      w_DXH = weight(self, name, (d, heads, h), ("embed", axis, "head_dim"), keep=(1, 2))
+      w_DXH = weight(self, name, (d, heads, h), ("embed", axis, "head_dim"))
       y = contract(x_BTD, w_DXH)  # BTD,DXH->BTXH
       delta = lora(self, name, x_BTD, (d,), (heads, h), ("embed",), (axis, "head_dim"))
       if delta is not None:
@@ -222,7 +222,7 @@ class Attention(nn.Module):
         q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None], scale=h**-0.5
       )
 
-    o_NHD = weight(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), (2,), output_init(cfg))
+    o_NHD = weight(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), output_init(cfg))
     out_BTNH = out_BTNH.astype(dtype)
     y_BTD = contract(out_BTNH, o_NHD, 2, 2)  # BTNH,NHD->BTD
     delta = lora(self, "o", out_BTNH, (n, h), (d,), ("q_heads", "head_dim"), ("embed",))

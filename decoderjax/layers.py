@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decoderjax import quant
 from decoderjax.config import ModelConfig
 
 Array = jax.Array
@@ -32,25 +33,25 @@ def param(module: nn.Module, name: str, shape, axes, init=None):
   )
 
 
-def weight(module: nn.Module, name: str, shape, axes, keep, init=None) -> Array:
-  """A matmul or embedding weight in the compute dtype.
+def weight(module: nn.Module, name: str, shape, axes, init=None) -> Array:
+  """A matmul or embedding weight (one of quant.QUANTIZED) in the compute dtype.
 
   In a quantized model (`quant="int8"`) it is stored as int8 plus a float32 scale for each
-  slice along the dims `keep` (a projection's output channels, an embedding's rows), and
-  dequantized here, inside the compiled step: w = q * scale.
+  slice along the dims quant.QUANTIZED[name] keeps (a projection's output channels, an
+  embedding's rows), and dequantized here, inside the compiled step: w = q * scale.
   """
   cfg = module.config
   dtype = dtype_of(cfg.dtype)
   if cfg.quant == "none":
     return param(module, name, shape, axes, init).astype(dtype)
+  keep = quant.QUANTIZED[name]
   boxed = nn.with_logical_partitioning
   q = module.param(name, boxed(nn.initializers.zeros, axes), shape, jnp.int8)
   scale_axes, scale_shape = tuple(axes[i] for i in keep), tuple(shape[i] for i in keep)
   scale = module.param(
     f"{name}_scale", boxed(nn.initializers.ones, scale_axes), scale_shape, jnp.float32
   )
-  scale = jnp.expand_dims(scale.astype(dtype), [i for i in range(len(shape)) if i not in keep])
-  return q.astype(dtype) * scale
+  return quant.dequantize(q, scale, keep, dtype)
 
 
 def contract(x: Array, w: Array, x_axes: int = 1, w_axes: int = 1) -> Array:
@@ -170,7 +171,7 @@ class Mlp(nn.Module):
       delta = lora(self, name, x, w.shape[:1], w.shape[1:], (in_axis,), (out_axis,))
       return y if delta is None else y + delta
 
-    up_DF = weight(self, "up", (d, f), ("embed", "mlp"), keep=(1,))
+    up_DF = weight(self, "up", (d, f), ("embed", "mlp"))
     h_BTF = project("up", x_BTD, up_DF, "embed", "mlp")  # BTD,DF->BTF
     if cfg.use_bias:
       h_BTF += param(self, "up_bias", (f,), ("mlp",), nn.initializers.zeros).astype(dtype)[
@@ -179,12 +180,12 @@ class Mlp(nn.Module):
     if cfg.mlp == "gelu":
       h_BTF = nn.gelu(h_BTF, approximate=True)
     else:
-      gate_DF = weight(self, "gate", (d, f), ("embed", "mlp"), keep=(1,))
+      gate_DF = weight(self, "gate", (d, f), ("embed", "mlp"))
       g_BTF = project("gate", x_BTD, gate_DF, "embed", "mlp")  # BTD,DF->BTF
       act = nn.silu if cfg.mlp == "swiglu" else lambda g: nn.gelu(g, approximate=True)
       h_BTF = act(g_BTF) * h_BTF
     h_BTF = constrain(h_BTF, ("activation_batch", "activation_length", "activation_mlp"))
-    down_FD = weight(self, "down", (f, d), ("mlp", "embed"), (1,), output_init(cfg))
+    down_FD = weight(self, "down", (f, d), ("mlp", "embed"), output_init(cfg))
     y_BTD = project("down", h_BTF, down_FD, "mlp", "embed")  # BTF,FD->BTD
     if cfg.use_bias:
       y_BTD += param(self, "down_bias", (d,), ("embed",), nn.initializers.zeros).astype(dtype)[

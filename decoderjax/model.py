@@ -127,9 +127,7 @@ class Decoder(nn.Module):
       else:
         positions_BT = jnp.broadcast_to((cache.index + jnp.arange(t))[None, :], (b, t))
 
-    embedding_VD = weight(
-      self, "embedding", (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), keep=(0,)
-    )
+    embedding_VD = weight(self, "embedding", (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"))
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
     if cfg.embed_scale:
       x_BTD *= jnp.asarray(cfg.embed_dim**0.5, dtype)
@@ -243,13 +241,11 @@ class Decoder(nn.Module):
       return logits_BTC + bias_C.astype(jnp.float32)[None, None], new_cache
     if cfg.tie_embeddings:  # contracted as stored: a transposed copy of the table costs a step
       logits_BTV = jnp.einsum(
-        "BTD,VD->BTV", x_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32
+        "BTD,VD->BTV", x_BTD, embedding_VD, preferred_element_type=jnp.float32
       )
     else:
-      head_DV = weight(self, "head", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), (1,))
-      logits_BTV = jnp.einsum(
-        "BTD,DV->BTV", x_BTD, head_DV.astype(dtype), preferred_element_type=jnp.float32
-      )
+      head_DV = weight(self, "head", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"))
+      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV, preferred_element_type=jnp.float32)
     if cfg.final_logit_softcap is not None:
       cap = cfg.final_logit_softcap
       logits_BTV = cap * jnp.tanh(logits_BTV / cap)

@@ -11,9 +11,11 @@ weight inside the compiled step (layers.weight), so the int8 arrays are what sta
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-QUANTIZED = {  # weight name -> dims its scale keeps (the output channels; rows of the table)
+QUANTIZED = {  # weight name -> dims its scale keeps (output channels; rows of the table),
+  # as the model declares it (layers.weight) and as quantize_params writes it
   "q": (1, 2),
   "k": (1, 2),
   "v": (1, 2),
@@ -38,10 +40,11 @@ def quantize_int8(w: np.ndarray, keep: tuple[int, ...]) -> tuple[np.ndarray, np.
   return q, np.squeeze(scale, axis=reduce)
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, keep: tuple[int, ...]) -> np.ndarray:
-  """The float32 weight an int8 one stands for (what layers.weight computes in the model)."""
-  scale = np.expand_dims(scale, [i for i in range(q.ndim) if i not in keep])
-  return q.astype(np.float32) * scale
+def dequantize(q, scale, keep: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+  """The weight an int8 one stands for: q * scale, the scale broadcast over the dims not kept
+  (what the model computes inside its compiled step, layers.weight)."""
+  scale = jnp.expand_dims(jnp.asarray(scale, dtype), [i for i in range(q.ndim) if i not in keep])
+  return jnp.asarray(q, dtype) * scale
 
 
 def quantize_params(params: dict, stacked: bool) -> dict:

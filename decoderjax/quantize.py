@@ -24,13 +24,13 @@ def main(argv):
   if _MODE.value not in quant.MODES:
     raise ValueError(f"--mode must be one of {quant.MODES}, got {_MODE.value!r}")
   model = modeldir.export_model_dir(_CHECKPOINT.value, _OUTPUT.value, quant.to_int8)
-  before = _nbytes(model.params)
-  after = _nbytes(modeldir.load_model_dir(_OUTPUT.value).params)
+  written = modeldir.abstract_params(modeldir.read_config(_OUTPUT.value))  # shapes, no weights
+  before, after = _nbytes(model.params), _nbytes(written)
   print(f"wrote {_OUTPUT.value}: weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
 
 
 def _nbytes(tree) -> int:
-  return sum(x.nbytes for x in jax.tree.leaves(tree))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 if __name__ == "__main__":
