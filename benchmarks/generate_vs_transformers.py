@@ -64,7 +64,8 @@ def bench_transformers(model, prompt: np.ndarray, new: int, repeats: int) -> dic
   return _figures(prompt.size, prefill, new * len(prompt), total - prefill)
 
 
-def bench_decoderjax(params, cfg, prompt: np.ndarray, new: int, repeats: int) -> dict:
+def bench_decoderjax(params, cfg, prompt: np.ndarray, new: int, repeats: int, tokens=False) -> dict:
+  """Greedy decoding speed (medians of `repeats`); `tokens`: the generated ids too."""
   tokens, mask = prompt.astype(np.int32), np.ones_like(prompt, np.int32)
   config, rng = SamplingConfig(temperature=0), jax.random.key(0)
   start = time.perf_counter()
@@ -84,7 +85,10 @@ def bench_decoderjax(params, cfg, prompt: np.ndarray, new: int, repeats: int) ->
     assert int(state.step) == new
   figures = _figures(prompt.size, statistics.median(prefills), new * len(prompt),
                      statistics.median(decodes))  # fmt: skip
-  return {**figures, "compile_s": compile_s}
+  figures["compile_s"] = compile_s
+  if tokens:
+    figures["tokens"] = np.asarray(state.tokens).tolist()
+  return figures
 
 
 def _figures(prompt_tokens, prefill_s, new_tokens, decode_s) -> dict:
@@ -157,7 +161,7 @@ def main():
     for dtype in args.dtypes.split(","):
       ours_dir = os.path.join(tmp, dtype)
       if dtype == "int8":  # python -m decoderjax.quantize of the float32 conversion
-        modeldir.export_model_dir(os.path.join(tmp, "float32"), ours_dir, quant.to_int8)
+        modeldir.export_model_dir(os.path.join(tmp, "float32"), ours_dir, quant.quantizer("int8"))
       else:
         convert.convert_hf(hf_dir, ours_dir, dtype)
       params = modeldir.load_model_dir(ours_dir).params

@@ -55,6 +55,11 @@ def finetuned_config(base: ModelConfig, ft: FinetuneConfig, num_labels: int = 0)
       f"config.init_from: an {base.quant}-quantized model is for inference; fine-tune the float "
       "model it was quantized from"
     )
+  if base.pruning != "none" and ft.method == "lora":
+    raise ValueError(
+      f"config.init_from is pruned ({base.pruning}): merged LoRA adapters would fill its zeros; "
+      "recover it with finetune.method=full, which keeps them"
+    )
   changes = {"num_labels": num_labels}
   if ft.method == "lora":
     changes.update(

@@ -15,6 +15,7 @@ from decoderjax.layers import (
   lora,
   output_init,
   param,
+  record_inputs,
   weight,
 )
 
@@ -131,11 +132,29 @@ def xla_attention(
   return out_BTKGH.reshape(b, t, n, h)
 
 
+def quantize_kv(x_BKTH: Array) -> tuple[Array, Array]:
+  """Keys or values -> (int8 [B, K, T, H], float32 scale [B, K, T]): one scale per slot and head."""
+  x = x_BKTH.astype(jnp.float32)
+  scale_BKT = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  scale_BKT = jnp.where(scale_BKT > 0, scale_BKT, 1.0)
+  q = jnp.clip(jnp.round(x / scale_BKT[..., None]), -127, 127).astype(jnp.int8)
+  return q, scale_BKT
+
+
 def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> Array:
   """Attention over the cache's earlier slots ([B, K, S, H]) and the new tokens ([B, T, K, H]),
-  without copying the cache: one softmax over both key sets, values applied per set."""
+  without copying the cache: one softmax over both key sets, values applied per set.
+
+  An int8 cache comes as ((k, k_scale [B, K, S]), (v, v_scale)): the key scales multiply the
+  logits of their slots, the value scales the probabilities.
+  """
   b, t, n, h = q_BTNH.shape
-  (k_BKSH, v_BKSH), (k_BTKH, v_BTKH), (mask_BTS, mask_BTT) = old_kv, new_kv, masks
+  (old_k, old_v), (k_BTKH, v_BTKH), (mask_BTS, mask_BTT) = old_kv, new_kv, masks
+  dtype = q_BTNH.dtype
+  k_scale = v_scale = None
+  if isinstance(old_k, tuple):
+    (old_k, k_scale), (old_v, v_scale) = old_k, old_v
+  k_BKSH, v_BKSH = old_k.astype(dtype), old_v.astype(dtype)
   k, s = k_BKSH.shape[1], k_BKSH.shape[2]
   q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4) * (h**-0.5)
   big_neg = jnp.finfo(jnp.float32).min
@@ -148,11 +167,16 @@ def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> 
 
   f32 = jnp.float32
   old_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=f32)
+  if k_scale is not None:
+    old_BKGTS = old_BKGTS * k_scale[:, :, None, None, :]
   new_BKGTT = jnp.einsum("BKGTH,BSKH->BKGTS", q_BKGTH, k_BTKH, preferred_element_type=f32)
   logits_BKGTX = jnp.concatenate([masked(old_BKGTS, mask_BTS), masked(new_BKGTT, mask_BTT)], -1)
   probs_BKGTX = jax.nn.softmax(logits_BKGTX, axis=-1)
+  old_probs_BKGTS = probs_BKGTX[..., :s]
+  if v_scale is not None:
+    old_probs_BKGTS = old_probs_BKGTS * v_scale[:, :, None, None, :]
   out_BKGTH = jnp.einsum(
-    "BKGTS,BKSH->BKGTH", probs_BKGTX[..., :s].astype(v_BKSH.dtype), v_BKSH
+    "BKGTS,BKSH->BKGTH", old_probs_BKGTS.astype(v_BKSH.dtype), v_BKSH
   ) + jnp.einsum("BKGTS,BSKH->BKGTH", probs_BKGTX[..., s:].astype(v_BTKH.dtype), v_BTKH)
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
@@ -191,6 +215,8 @@ class Attention(nn.Module):
         ]
       return y
 
+    record_inputs(self, "in", x_BTD)  # of q
+    record_inputs(self, "kv", x_BTD, sink=True)  # of k and v
     q_BTNH = project("q", n, "q_heads")
     k_BTKH = project("k", k, "kv_heads")
     v_BTKH = project("v", k, "kv_heads")
@@ -201,15 +227,16 @@ class Attention(nn.Module):
 
     new_kv = None
     if kv is not None:  # the caller writes the new entries into the cache, in place
-      new_kv = tuple(
-        z.transpose(0, 2, 1, 3).astype(c.dtype) for z, c in zip((k_BTKH, v_BTKH), kv, strict=True)
-      )
+      new_BKTH = (k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3))
+      if cfg.kv_cache == "int8":
+        new_kv = tuple(quantize_kv(z) for z in new_BKTH)
+      else:
+        new_kv = tuple(z.astype(c.dtype) for z, c in zip(new_BKTH, kv, strict=True))
 
     dropout_active = cfg.attn_dropout > 0 and not self.deterministic
     impl = "cached" if kv is not None else resolve_impl(cfg, dropout_active, x_BTD.shape[1])
     if impl == "cached":  # mask_BTS is (earlier cache slots [B, T, S], new tokens [B, T, T])
-      old_BKSH = tuple(z.astype(dtype) for z in kv)
-      out_BTNH = cached_attention(q_BTNH, old_BKSH, (k_BTKH, v_BTKH), mask_BTS, cfg)
+      out_BTNH = cached_attention(q_BTNH, kv, (k_BTKH, v_BTKH), mask_BTS, cfg)
     elif impl == "splash":
       out_BTNH = splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg)
     elif impl == "xla":
@@ -224,6 +251,7 @@ class Attention(nn.Module):
 
     o_NHD = weight(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), output_init(cfg))
     out_BTNH = out_BTNH.astype(dtype)
+    record_inputs(self, "o", out_BTNH, 2)
     y_BTD = contract(out_BTNH, o_NHD, 2, 2)  # BTNH,NHD->BTD
     delta = lora(self, "o", out_BTNH, (n, h), (d,), ("q_heads", "head_dim"), ("embed",))
     if delta is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
-QUANTS = ("none", "int8")
+QUANTS = ("none", "int8", "int4")
+KV_CACHES = ("auto", "int8")
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "geglu")
@@ -68,8 +70,12 @@ class ModelConfig:
   lora_dropout: float = 0.0  # dropout on the adapters' inputs
   lora_targets: str = "q,k,v,o"  # comma-separated, of LORA_MODULES
   prompt_tokens: int = 0  # > 0: this many learned soft-prompt vectors precede every row
-  # Inference: "int8" stores projection and embedding weights as int8 with per-channel scales.
-  quant: str = "none"  # one of QUANTS (python -m decoderjax.quantize writes such models)
+  # Inference (python -m decoderjax.quantize writes such models; quant.py says how):
+  quant: str = "none"  # one of QUANTS: projection and embedding weights in int8 or int4
+  quant_group: int = 0  # int4: inputs sharing one scale
+  # Pruned models (python -m decoderjax.prune): fine-tuning keeps their zero weights at zero.
+  pruning: str = "none"  # "none", "unstructured" or "N:M"
+  kv_cache: str = "auto"  # one of KV_CACHES: the compute dtype, or int8 with per-slot scales
 
   def __post_init__(self):
     def fail(field, message):
@@ -88,6 +94,7 @@ class ModelConfig:
       ("remat", REMATS),
       ("attention_impl", ATTENTION_IMPLS),
       ("quant", QUANTS),
+      ("kv_cache", KV_CACHES),
     ):
       if getattr(self, field) not in allowed:
         fail(field, f"must be one of {allowed}, got {getattr(self, field)!r}")
@@ -121,6 +128,10 @@ class ModelConfig:
         fail("lora_targets", f"{unknown or 'none'} match no module; choose from {LORA_MODULES}")
       if self.mlp == "gelu" and "gate" in self.lora_target_set:
         fail("lora_targets", "'gate' matches no module: a GELU MLP has no gate projection")
+    if self.quant == "int4" and (self.quant_group <= 0 or self.quant_group % 2):
+      fail("quant_group", f"int4 needs a positive even group size, got {self.quant_group}")
+    if self.pruning not in ("none", "unstructured") and not re.fullmatch(r"\d+:\d+", self.pruning):
+      fail("pruning", f"must be 'none', 'unstructured' or 'N:M', got {self.pruning!r}")
     if isinstance(self.rope_scaling, dict):  # accept plain dicts (JSON, ml_collections)
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

@@ -15,6 +15,7 @@ import numpy as np
 from absl import flags
 
 from decoderjax import cli, modeldir, sampling, sharding, tasks
+from decoderjax.config import KV_CACHES
 from decoderjax.sampling import SamplingConfig
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
@@ -44,6 +45,9 @@ _STOP = flags.DEFINE_multi_string("stop", None, "Stop when the text contains thi
 _IGNORE_EOS = flags.DEFINE_bool("ignore_eos", False, "Always generate max_new_tokens (benchmarks).")
 _STREAM = flags.DEFINE_bool("stream", True, "Print tokens as they come (one prompt at a time).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_KV_CACHE = flags.DEFINE_enum(
+  "kv_cache", "auto", KV_CACHES, "KV cache storage: the compute dtype, or int8 (long contexts)."
+)
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write [{prompt, text, tokens}] here.")
 _MESH = cli.define_mesh_flags()
 flags.mark_flag_as_required("checkpoint")
@@ -229,6 +233,7 @@ def main(argv):
     raise ValueError(f"--num_beams must be >= 1, got {_NUM_BEAMS.value}")
   mesh = _MESH()
   model = modeldir.load_model_dir(_CHECKPOINT.value, mesh)
+  model.config = model.config.replace(kv_cache=_KV_CACHE.value)
   gen, tok = model.generation, model.tokenizer
   option = lambda flag, key, default=None: (
     flag.value if flag.value is not None else gen.get(key, default)

@@ -36,22 +36,32 @@ def param(module: nn.Module, name: str, shape, axes, init=None):
 def weight(module: nn.Module, name: str, shape, axes, init=None) -> Array:
   """A matmul or embedding weight (one of quant.QUANTIZED) in the compute dtype.
 
-  In a quantized model (`quant="int8"`) it is stored as int8 plus a float32 scale for each
-  slice along the dims quant.QUANTIZED[name] keeps (a projection's output channels, an
-  embedding's rows), and dequantized here, inside the compiled step: w = q * scale.
+  In a quantized model it is stored as int8 values (int4: two per byte, in groups of
+  `quant_group` inputs; tables stay int8) plus float32 scales along the dims
+  quant.QUANTIZED[name] keeps (a projection's output channels, an embedding's rows), and
+  dequantized here, inside the compiled step, where XLA fuses the conversion into its use.
   """
   cfg = module.config
   dtype = dtype_of(cfg.dtype)
   if cfg.quant == "none":
     return param(module, name, shape, axes, init).astype(dtype)
-  keep = quant.QUANTIZED[name]
+  keep, mode = quant.QUANTIZED[name], quant.mode_of(name, cfg.quant)
   boxed = nn.with_logical_partitioning
-  q = module.param(name, boxed(nn.initializers.zeros, axes), shape, jnp.int8)
-  scale_axes, scale_shape = tuple(axes[i] for i in keep), tuple(shape[i] for i in keep)
+  if mode == "int8":
+    q_shape, q_axes = shape, axes
+    scale_shape, scale_axes = tuple(shape[i] for i in keep), tuple(axes[i] for i in keep)
+  else:  # int4: the inputs become [groups, bytes per group], not sharded
+    q_shape, scale_shape = quant.int4_shapes(shape, keep, cfg.quant_group)
+    a, b = quant.input_dims(len(shape), keep)
+    q_axes = (*axes[:a], None, None, *axes[b:])
+    scale_axes = (*axes[:a], None, *axes[b:])
+  q = module.param(name, boxed(nn.initializers.zeros, q_axes), q_shape, jnp.int8)
   scale = module.param(
     f"{name}_scale", boxed(nn.initializers.ones, scale_axes), scale_shape, jnp.float32
   )
-  return quant.dequantize(q, scale, keep, dtype)
+  if mode == "int8":
+    return quant.dequantize(q, scale, keep, dtype)
+  return quant.dequantize_int4(q, scale, shape, keep, dtype)
 
 
 def contract(x: Array, w: Array, x_axes: int = 1, w_axes: int = 1) -> Array:
@@ -64,6 +74,23 @@ def contract(x: Array, w: Array, x_axes: int = 1, w_axes: int = 1) -> Array:
   k = w.shape[:w_axes]
   y = x.reshape(-1, int(np.prod(k))) @ w.reshape(int(np.prod(k)), -1)
   return y.reshape(*lead, *kept)
+
+
+def record_inputs(module: nn.Module, name: str, x: Array, in_dims: int = 1, sink: bool = False):
+  """Calibration (decoderjax.calibration): sows the Gram matrix X^T X [I, I] of a projection's
+  inputs (the last `in_dims` dims of x [B, T, ...], flattened) when "intermediates" is mutable.
+
+  `sink`: the first token of each row counts as T / 2 tokens. In a causal LM most queries put a
+  large share of their attention on the first position (the attention sink), so errors in its
+  key and value reach nearly every output; by count alone it would be 1 / T of the sample.
+  """
+  if module.is_mutable_collection("intermediates"):
+    x = x.astype(jnp.float32)
+    if sink:
+      weight_T = jnp.ones(x.shape[1]).at[0].set(math.sqrt(x.shape[1] / 2))
+      x = x * weight_T.reshape(1, -1, *(1,) * (x.ndim - 2))
+    x = x.reshape(-1, math.prod(x.shape[x.ndim - in_dims :]))
+    module.sow("intermediates", f"{name}_gram", x.T @ x)
 
 
 def lora(module: nn.Module, name: str, x: Array, in_dims, out_dims, in_axes, out_axes):
@@ -171,6 +198,7 @@ class Mlp(nn.Module):
       delta = lora(self, name, x, w.shape[:1], w.shape[1:], (in_axis,), (out_axis,))
       return y if delta is None else y + delta
 
+    record_inputs(self, "in", x_BTD)  # of up and gate
     up_DF = weight(self, "up", (d, f), ("embed", "mlp"))
     h_BTF = project("up", x_BTD, up_DF, "embed", "mlp")  # BTD,DF->BTF
     if cfg.use_bias:
@@ -185,6 +213,7 @@ class Mlp(nn.Module):
       act = nn.silu if cfg.mlp == "swiglu" else lambda g: nn.gelu(g, approximate=True)
       h_BTF = act(g_BTF) * h_BTF
     h_BTF = constrain(h_BTF, ("activation_batch", "activation_length", "activation_mlp"))
+    record_inputs(self, "down", h_BTF)
     down_FD = weight(self, "down", (f, d), ("mlp", "embed"), output_init(cfg))
     y_BTD = project("down", h_BTF, down_FD, "mlp", "embed")  # BTF,FD->BTD
     if cfg.use_bias:

@@ -22,31 +22,61 @@ REMAT_POLICIES = {
 
 @flax.struct.dataclass
 class KVCache:
-  """Preallocated keys and values of every layer plus the metadata masks are built from."""
+  """Preallocated keys and values of every layer plus the metadata masks are built from.
+
+  An int8 cache (`ModelConfig.kv_cache="int8"`) holds each slot's key and value of each head as
+  int8 with one float32 scale (max |x| / 127 over the head dim); attention applies the scales to
+  its logits and probabilities, so the cache is never dequantized as a whole.
+  """
 
   k: Array  # [L, B, K, S, H]: heads before slots, the layout attention reads
   v: Array  # [L, B, K, S, H]
   segment: Array  # [B, S] int32 document id of each slot; 0 marks empty or padding slots
   position: Array  # [B, S] int32 position of the token held in each slot
   index: Array  # [] int32 next slot to write
+  k_scale: Array | None = None  # [L, B, K, S] float32, int8 caches only
+  v_scale: Array | None = None
 
   @property
   def length(self) -> int:
     return self.k.shape[3]
 
+  @property
+  def layers(self):
+    """What each layer reads, stacked over L: (k, v), or ((k, k_scale), (v, v_scale))."""
+    if self.k_scale is None:
+      return self.k, self.v
+    return (self.k, self.k_scale), (self.v, self.v_scale)
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> KVCache:
+  def select_rows(self, rows: Array) -> KVCache:
+    """The cache of rows `rows` (beam search reorders its beams)."""
+    per_row = lambda x: None if x is None else x[:, rows]
+    return self.replace(
+      k=self.k[:, rows],
+      v=self.v[:, rows],
+      k_scale=per_row(self.k_scale),
+      v_scale=per_row(self.v_scale),
+      segment=self.segment[rows],
+      position=self.position[rows],
+    )
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   """An empty cache for `batch` rows of up to `length` tokens (prompt plus generation)."""
   if length > cfg.max_seq_len:
     raise ValueError(f"cache length {length} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
   shape = (cfg.num_layers, batch, cfg.kv_heads, length, cfg.head_size)
-  dtype = dtype_of(dtype or cfg.dtype)
+  int8 = cfg.kv_cache == "int8"
+  dtype = jnp.int8 if int8 else dtype_of(cfg.dtype)
+  scale = jnp.zeros(shape[:-1], jnp.float32) if int8 else None
   return KVCache(
     k=jnp.zeros(shape, dtype),
     v=jnp.zeros(shape, dtype),
     segment=jnp.zeros((batch, length), jnp.int32),
     position=jnp.zeros((batch, length), jnp.int32),
     index=jnp.zeros((), jnp.int32),
+    k_scale=scale,
+    v_scale=scale,
   )
 
 
@@ -185,7 +215,7 @@ class Decoder(nn.Module):
       )
       new_BTT = attention_mask(*args, *args, cfg.sliding_window)
       mask_BTS = (old_BTS, new_BTT)
-      kv = (cache.k, cache.v)
+      kv = cache.layers
 
     block = Block
     if cfg.remat != "none":
@@ -193,7 +223,7 @@ class Decoder(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=cfg.num_layers,
@@ -205,12 +235,12 @@ class Decoder(nn.Module):
     else:
       new_layers = []
       for i in range(cfg.num_layers):
-        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        layer_kv = None if kv is None else jax.tree.map(lambda x, i=i: x[i], kv)
         x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(
           x_BTD, positions_BT, mask_BTS, layer_kv, segment_ids_BT
         )
         new_layers.append(layer_kv)
-      new_kv = None if kv is None else tuple(jnp.stack(z) for z in zip(*new_layers, strict=True))
+      new_kv = None if kv is None else jax.tree.map(lambda *z: jnp.stack(z), *new_layers)
 
     x_BTD = Norm(cfg, name="final_norm")(x_BTD)
     new_cache = None
@@ -221,12 +251,19 @@ class Decoder(nn.Module):
         start[slot_axis] = index
         return jax.lax.dynamic_update_slice(full, new, start)
 
+      (new_k, new_v), scales = new_kv, {}
+      if cache.k_scale is not None:  # int8: (values, scales) pairs, slots on axis 3 of both
+        (new_k, k_scale), (new_v, v_scale) = new_k, new_v
+        scales = dict(
+          k_scale=write(cache.k_scale, k_scale, 3), v_scale=write(cache.v_scale, v_scale, 3)
+        )
       new_cache = KVCache(
-        k=write(cache.k, new_kv[0], 3),  # [L, B, K, S, H]
-        v=write(cache.v, new_kv[1], 3),
+        k=write(cache.k, new_k, 3),  # [L, B, K, S, H]
+        v=write(cache.v, new_v, 3),
         segment=write(cache.segment, segment_ids_BT, 1),  # [B, S]
         position=write(cache.position, positions_BT, 1),
         index=index + t,
+        **scales,
       )
     if prepend:  # outputs of the text tokens only
       x_BTD = x_BTD[:, p:]

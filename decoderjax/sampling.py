@@ -377,12 +377,7 @@ def beam_search(
     scores = best_scores
     # Reorder the cache to the surviving beams and feed their new tokens.
     source_X = (rows_B1 * k + gather(beam_BJ, live_index)).reshape(-1)
-    cache = cache.replace(
-      k=cache.k[:, source_X],
-      v=cache.v[:, source_X],
-      segment=cache.segment[source_X],
-      position=cache.position[source_X],
-    )
+    cache = cache.select_rows(source_X)
     new_X = gather(token_BJ, live_index).reshape(-1)
     position_X = repeat(positions_BT[:, -1]) + i + 1
     logits_X1V, cache = _forward(

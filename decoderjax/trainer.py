@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from decoderjax import adapters, modeldir
+from decoderjax import adapters, modeldir, pruning
 from decoderjax import data as data_lib
 from decoderjax import metrics as metrics_lib
 from decoderjax import sharding as sharding_lib
@@ -236,6 +236,8 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
       exp.model, exp.finetune.freeze_layers, exp.finetune.freeze_embeddings
     )
     optimizer = optax.chain(optimizer, freeze)
+  if method == "full" and exp.model.pruning != "none":  # recovery fine-tuning keeps the zeros
+    optimizer = optax.chain(optimizer, pruning.keep_zeros())
   schedule = make_schedule(exp.optimizer, exp.train.steps)
   layout = state_shardings(exp, optimizer, mesh)
   shardings, abstract = layout["state"], layout["state_abstract"]

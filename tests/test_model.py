@@ -266,3 +266,40 @@ def test_splash_attention_matches_xla(name):
   np.testing.assert_allclose(sp_out, xla_out, atol=2e-5)
   for a, b in zip(jax.tree.leaves(sp_grad), jax.tree.leaves(xla_grad), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def _decode(cfg, params, toks, prompt=5):
+  """Prefill `prompt` tokens, then one token at a time -> (logits [B, T, V], final cache)."""
+  model = Decoder(cfg)
+  cache = init_cache(cfg, toks.shape[0], 16)
+  logits, cache = model.apply({"params": params}, toks[:, :prompt], cache=cache)
+  steps = [logits]
+  for t in range(prompt, toks.shape[1]):
+    logits, cache = model.apply({"params": params}, toks[:, t : t + 1], cache=cache)
+    steps.append(logits)
+  return jnp.concatenate(steps, axis=1), cache
+
+
+@pytest.mark.parametrize("name,scan", [("llama-gqa", True), ("mistral-window", False)])
+def test_int8_cache_decoding_is_close_to_float_cache(name, scan):
+  cfg = VARIANTS[name].replace(scan_layers=scan)
+  params = init_params(VARIANTS[name])
+  if not scan:
+    params = unstack_layers(params, cfg.num_layers)
+  toks = tokens(cfg, b=2, t=12)
+  want, float_cache = _decode(cfg, params, toks)
+  got, cache = _decode(cfg.replace(kv_cache="int8"), params, toks)
+  assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1]
+  for q, scale, ref in (
+    (cache.k, cache.k_scale, float_cache.k),
+    (cache.v, cache.v_scale, float_cache.v),
+  ):
+    # Each stored key / value is within half a step (its head's peak / 254) of the float one:
+    # checked where both runs saw the same inputs (the prompt's slots, every slot of layer 0).
+    error = jnp.abs(q.astype(jnp.float32) * scale[..., None] - ref)
+    within = error <= scale[..., None] / 2 * (1 + 1e-5) + 1e-7
+    assert bool(jnp.all(within[:, :, :, :5])) and bool(jnp.all(within[0]))
+    assert int(jnp.abs(q).max()) == 127
+  # hence logits within 1% of their largest magnitude (about 0.1% measured), and not identical
+  difference = float(jnp.abs(got - want).max())
+  assert 0 < difference <= 0.01 * float(jnp.abs(want).max())
