@@ -64,8 +64,11 @@ def bench_transformers(model, prompt: np.ndarray, new: int, repeats: int) -> dic
   return _figures(prompt.size, prefill, new * len(prompt), total - prefill)
 
 
-def bench_decoderjax(params, cfg, prompt: np.ndarray, new: int, repeats: int, tokens=False) -> dict:
-  """Greedy decoding speed (medians of `repeats`); `tokens`: the generated ids too."""
+def bench_decoderjax(
+  params, cfg, prompt: np.ndarray, new: int, repeats: int, keep_tokens=False
+) -> dict:
+  """Greedy decoding speed (medians of `repeats`); `keep_tokens`: the generated ids too
+  ("generated")."""
   tokens, mask = prompt.astype(np.int32), np.ones_like(prompt, np.int32)
   config, rng = SamplingConfig(temperature=0), jax.random.key(0)
   start = time.perf_counter()
@@ -86,8 +89,8 @@ def bench_decoderjax(params, cfg, prompt: np.ndarray, new: int, repeats: int, to
   figures = _figures(prompt.size, statistics.median(prefills), new * len(prompt),
                      statistics.median(decodes))  # fmt: skip
   figures["compile_s"] = compile_s
-  if tokens:
-    figures["tokens"] = np.asarray(state.tokens).tolist()
+  if keep_tokens:
+    figures["generated"] = np.asarray(state.tokens).tolist()
   return figures
 
 

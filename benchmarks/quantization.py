@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,10 +56,19 @@ def worker(directory: str, text: str, prompt_len: int, new_tokens: int, kv_cache
   if len(ids) < prompt_len:
     raise ValueError(f"{text} has {len(ids)} tokens, fewer than a {prompt_len}-token prompt")
   prompt = np.asarray(ids[:prompt_len])[None]
-  figures = bench_decoderjax(model.params, cfg, prompt, new_tokens, repeats=3, tokens=True)
+  figures = bench_decoderjax(model.params, cfg, prompt, new_tokens, repeats=3, keep_tokens=True)
   weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  return {**figures, "weight_bytes": weights, "peak_rss": peak}
+  zeros, size = pruning.sparsity_of(model.params)
+  sparsity = zeros / size if cfg.quant == "none" else None  # packed values are not weights
+  return {**figures, "weight_bytes": weights, "peak_rss": peak_rss(), "sparsity": sparsity}
+
+
+def peak_rss() -> int:
+  """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited through exec
+  from the parent's peak)."""
+  with open("/proc/self/status") as f:
+    line = next(line for line in f if line.startswith("VmHWM:"))
+  return int(line.split()[1]) * 1024
 
 
 def run(*args: str) -> str:
@@ -72,8 +80,8 @@ def run(*args: str) -> str:
 
 def decode(args, directory: str, prompt_len: int, kv_cache: str = "auto") -> dict:
   out = run(__file__, f"--worker={directory}", f"--model={args.model}", f"--text={args.text}",
-            f"--prompt_len={prompt_len}", f"--new_tokens={args.new_tokens}",
-            f"--kv_cache={kv_cache}")  # fmt: skip
+            f"--calibration_text={args.calibration_text}", f"--prompt_len={prompt_len}",
+            f"--new_tokens={args.new_tokens}", f"--kv_cache={kv_cache}")  # fmt: skip
   return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 
@@ -99,7 +107,8 @@ def build(args, work: str) -> dict:
   dirs = {"float32": args.model}
   path = lambda name: os.path.join(work, name.replace(" ", "_").replace(":", "-"))
   steps = [
-    ("bfloat16", lambda out: modeldir.export_model_dir(args.model, out, to_bfloat16)),
+    ("bfloat16", lambda out: run(__file__, f"--bfloat16_copy={out}", f"--model={args.model}",
+                                 f"--text={args.text}", "--calibration_text=-")),
     ("int8", lambda out: run("-m", "decoderjax.quantize", f"--checkpoint={args.model}",
                              f"--output={out}", "--mode=int8")),
     ("int4", lambda out: run("-m", "decoderjax.quantize", f"--checkpoint={args.model}",
@@ -142,7 +151,11 @@ def main():
   parser.add_argument("--json", help="write the figures here")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--kv_cache", default="auto", help=argparse.SUPPRESS)
+  parser.add_argument("--bfloat16_copy", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.bfloat16_copy:  # JAX runs in child processes only: the parent's memory stays small
+    modeldir.export_model_dir(args.model, args.bfloat16_copy, to_bfloat16)
+    return
   if args.worker:
     figures = worker(args.worker, args.text, args.prompt_len, args.new_tokens, args.kv_cache)
     print("RESULT " + json.dumps(figures))
@@ -156,15 +169,23 @@ def main():
                              f"--text_file={args.text}", f"--seq_len={args.seq_len}"))  # fmt: skip
       speed = decode(args, directory, args.prompt_len)
       disk = directory_bytes(os.path.join(directory, modeldir.PARAMS_DIR))
-      zeros, size = pruning.sparsity_of(modeldir.load_model_dir(directory).params)
-      rows[name] = {**score, **speed, "disk_bytes": disk, "sparsity": zeros / size}
-      print(f"{name}: {rows[name]}", flush=True)
+      rows[name] = {**score, **speed, "disk_bytes": disk}
+      print(f"{name}: perplexity {score['perplexity']:.3f}, {speed['decode_tok_s']:.1f} tok/s",
+            flush=True)  # fmt: skip
     long = min(args.long_prompt, modeldir.read_config(args.model).max_seq_len - args.new_tokens)
     caches = {kind: decode(args, dirs["bfloat16"], long, kind) for kind in ("auto", "int8")}
-  report(args, rows, caches, long)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"models": rows, "kv_cache": caches}, f, indent=2)
+  report(args, rows, caches, long)
+
+
+def mb(n: float) -> str:
+  return f"{n / 1e6:.2f}" if n < 1e7 else f"{n / 1e6:.0f}"
+
+
+def zeros(fraction) -> str:
+  return "-" if fraction is None else f"{fraction:.0%}"
 
 
 def report(args, rows: dict, caches: dict, long: int) -> None:
@@ -176,19 +197,21 @@ def report(args, rows: dict, caches: dict, long: int) -> None:
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for name, r in rows.items():
     print(f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / base['perplexity'] - 1:+.2%} | "
-          f"{r['weight_bytes'] / 1e6:.0f} | {r['weight_bytes'] / base['weight_bytes']:.0%} | "
-          f"{r['disk_bytes'] / 1e6:.0f} | {r['sparsity']:.0%} | {r['peak_rss'] / 1e6:.0f} | "
+          f"{mb(r['weight_bytes'])} | {r['weight_bytes'] / base['weight_bytes']:.0%} | "
+          f"{mb(r['disk_bytes'])} | {zeros(r['sparsity'])} | {r['peak_rss'] / 1e6:.0f} | "
           f"{r['decode_tok_s']:.1f} |")  # fmt: skip
   cfg = modeldir.read_config(args.model)
   slots = 2 * cfg.num_layers * cfg.kv_heads  # keys and values of every layer and kv head
   per_token = {"auto": slots * cfg.head_size * 2, "int8": slots * (cfg.head_size + 4)}
-  same = np.mean(np.asarray(caches["auto"]["tokens"]) == np.asarray(caches["int8"]["tokens"]))
+  differ = np.asarray(caches["auto"]["generated"])[0] != np.asarray(caches["int8"]["generated"])[0]
+  same = int(np.argmax(differ)) if differ.any() else len(differ)  # identical greedy prefix
   print(f"\nKV cache, bfloat16 weights, prompt {long}, {args.new_tokens} new tokens:")
-  print("| cache | bytes per token | decode tok/s | greedy tokens equal to bfloat16's |")
+  print("| cache | bytes per token | decode tok/s | greedy tokens identical to bfloat16's |")
   print("| --- | --- | --- | --- |")
   for kind, label in (("auto", "bfloat16"), ("int8", "int8 + a float32 scale per head")):
+    first = args.new_tokens if kind == "auto" else same
     print(f"| {label} | {per_token[kind]:,} | {caches[kind]['decode_tok_s']:.1f} | "
-          f"{1.0 if kind == 'auto' else same:.0%} |")  # fmt: skip
+          f"the first {first} of {args.new_tokens} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -33,18 +33,17 @@ def param(module: nn.Module, name: str, shape, axes, init=None):
   )
 
 
-def weight(module: nn.Module, name: str, shape, axes, init=None) -> Array:
-  """A matmul or embedding weight (one of quant.QUANTIZED) in the compute dtype.
+def stored(module: nn.Module, name: str, shape, axes, init=None) -> tuple[Array, Array | None]:
+  """Declares a matmul or embedding weight (one of quant.QUANTIZED) as stored: (weight, None),
+  or in a quantized model (int8 values, float32 scales).
 
-  In a quantized model it is stored as int8 values (int4: two per byte, in groups of
-  `quant_group` inputs; tables stay int8) plus float32 scales along the dims
-  quant.QUANTIZED[name] keeps (a projection's output channels, an embedding's rows), and
-  dequantized here, inside the compiled step, where XLA fuses the conversion into its use.
+  int8 values are the weight's shape, int4 ones two a byte in groups of `quant_group` inputs
+  (tables stay int8); the scales run along the dims quant.QUANTIZED[name] keeps (a
+  projection's output channels, an embedding's rows).
   """
   cfg = module.config
-  dtype = dtype_of(cfg.dtype)
   if cfg.quant == "none":
-    return param(module, name, shape, axes, init).astype(dtype)
+    return param(module, name, shape, axes, init), None
   keep, mode = quant.QUANTIZED[name], quant.mode_of(name, cfg.quant)
   boxed = nn.with_logical_partitioning
   if mode == "int8":
@@ -59,9 +58,31 @@ def weight(module: nn.Module, name: str, shape, axes, init=None) -> Array:
   scale = module.param(
     f"{name}_scale", boxed(nn.initializers.ones, scale_axes), scale_shape, jnp.float32
   )
-  if mode == "int8":
-    return quant.dequantize(q, scale, keep, dtype)
-  return quant.dequantize_int4(q, scale, shape, keep, dtype)
+  return q, scale
+
+
+def materialize(cfg: ModelConfig, name: str, weight_, shape, rows=None) -> Array:
+  """A stored weight in the compute dtype, dequantized inside the compiled step (where XLA
+  fuses the conversion into its use). `rows` [B, T]: only those rows of a table, gathered
+  before any conversion -> [B, T, D]."""
+  dtype = dtype_of(cfg.dtype)
+  w, scale = weight_
+  if rows is not None:
+    w = jnp.take(w, rows, axis=0)
+    if scale is not None:  # tables are per-row int8
+      return w.astype(dtype) * jnp.take(scale, rows, axis=0).astype(dtype)[..., None]
+    return w.astype(dtype)
+  if scale is None:
+    return w.astype(dtype)
+  keep = quant.QUANTIZED[name]
+  if quant.mode_of(name, cfg.quant) == "int8":
+    return quant.dequantize(w, scale, keep, dtype)
+  return quant.dequantize_int4(w, scale, shape, keep, dtype)
+
+
+def weight(module: nn.Module, name: str, shape, axes, init=None) -> Array:
+  """A matmul weight (stored, then materialized) in the compute dtype."""
+  return materialize(module.config, name, stored(module, name, shape, axes, init), shape)
 
 
 def contract(x: Array, w: Array, x_axes: int = 1, w_axes: int = 1) -> Array:

@@ -9,7 +9,17 @@ import jax.numpy as jnp
 
 from decoderjax.attention import Attention, attention_mask, resolve_impl
 from decoderjax.config import ModelConfig
-from decoderjax.layers import Mlp, Norm, constrain, dtype_of, param, sinusoidal_positions, weight
+from decoderjax.layers import (
+  Mlp,
+  Norm,
+  constrain,
+  dtype_of,
+  materialize,
+  param,
+  sinusoidal_positions,
+  stored,
+  weight,
+)
 
 Array = jax.Array
 
@@ -157,8 +167,9 @@ class Decoder(nn.Module):
       else:
         positions_BT = jnp.broadcast_to((cache.index + jnp.arange(t))[None, :], (b, t))
 
-    embedding_VD = weight(self, "embedding", (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"))
-    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+    table_shape = (cfg.vocab_size, cfg.embed_dim)
+    embedding = stored(self, "embedding", table_shape, ("vocab", "embed"))
+    x_BTD = materialize(cfg, "embedding", embedding, table_shape, rows=tokens_BT)
     if cfg.embed_scale:
       x_BTD *= jnp.asarray(cfg.embed_dim**0.5, dtype)
     if embed_delta_BTD is not None:
@@ -277,6 +288,7 @@ class Decoder(nn.Module):
       )
       return logits_BTC + bias_C.astype(jnp.float32)[None, None], new_cache
     if cfg.tie_embeddings:  # contracted as stored: a transposed copy of the table costs a step
+      embedding_VD = materialize(cfg, "embedding", embedding, table_shape)
       logits_BTV = jnp.einsum(
         "BTD,VD->BTV", x_BTD, embedding_VD, preferred_element_type=jnp.float32
       )

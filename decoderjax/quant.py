@@ -114,12 +114,17 @@ def dequantize(q, scale, keep, dtype=jnp.float32) -> jax.Array:
 
 
 def dequantize_int4(packed, scale, shape, keep, dtype=jnp.float32) -> jax.Array:
-  """The weight of `shape` an int4 one stands for (jnp: the model runs it in its step)."""
+  """The weight of `shape` an int4 one stands for (jnp: the model runs it in its step).
+
+  Both nibbles come out of one broadcast shift ([..., n, 2, group / 2, ...], then merged), an
+  elementwise loop XLA fuses and parallelizes; a concatenation of the halves ran about 3x
+  slower per weight on CPU.
+  """
   a, _ = input_dims(len(shape), keep)
-  packed = jnp.asarray(packed, jnp.int8)
-  low = jnp.right_shift(jnp.left_shift(packed, 4), 4)  # arithmetic shifts sign-extend
-  high = jnp.right_shift(packed, 4)
-  q = jnp.concatenate([low, high], axis=a + 1)
+  p = jnp.expand_dims(jnp.asarray(packed, jnp.int8), a + 1)
+  shifts = jnp.array([4, 0], jnp.int8).reshape((1,) * (a + 1) + (2,) + (1,) * (p.ndim - a - 2))
+  q = jnp.right_shift(jnp.left_shift(p, shifts), 4)  # arithmetic shifts sign-extend
+  q = q.reshape(*packed.shape[: a + 1], -1, *packed.shape[a + 2 :])  # low halves, then high
   w = q.astype(dtype) * jnp.expand_dims(jnp.asarray(scale, dtype), a + 1)
   return w.reshape(shape)
 
