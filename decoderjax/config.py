@@ -18,6 +18,16 @@ ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention", "splash")
 LORA_MODULES = ("q", "k", "v", "o", "up", "gate", "down")
 
 
+def parse_pruning(pattern: str) -> tuple[int, int] | None:
+  """A pruning pattern: 'N:M' -> (N, M); 'unstructured' -> None (decoderjax.pruning)."""
+  if pattern == "unstructured":
+    return None
+  match = re.fullmatch(r"(\d+):(\d+)", pattern)
+  if not match or not 0 < int(match[1]) < int(match[2]):
+    raise ValueError(f"pattern must be 'unstructured' or N:M with 0 < N < M, got {pattern!r}")
+  return int(match[1]), int(match[2])
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama-3 style RoPE frequency scaling (long wavelengths stretched by `factor`)."""
@@ -130,8 +140,11 @@ class ModelConfig:
         fail("lora_targets", "'gate' matches no module: a GELU MLP has no gate projection")
     if self.quant == "int4" and (self.quant_group <= 0 or self.quant_group % 2):
       fail("quant_group", f"int4 needs a positive even group size, got {self.quant_group}")
-    if self.pruning not in ("none", "unstructured") and not re.fullmatch(r"\d+:\d+", self.pruning):
-      fail("pruning", f"must be 'none', 'unstructured' or 'N:M', got {self.pruning!r}")
+    if self.pruning != "none":
+      try:
+        parse_pruning(self.pruning)
+      except ValueError as e:
+        fail("pruning", str(e))
     if isinstance(self.rope_scaling, dict):  # accept plain dicts (JSON, ml_collections)
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from absl import flags
 
 from decoderjax import cli, modeldir, pruning
+from decoderjax.config import parse_pruning
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the pruned model directory.")
@@ -23,7 +24,7 @@ flags.mark_flags_as_required(["checkpoint", "output"])
 
 def main(argv):
   del argv
-  pruning.parse_pattern(_PATTERN.value)  # a bad pattern fails before anything is read
+  parse_pruning(_PATTERN.value)  # a bad pattern fails before anything is read
   prune, counts = pruning.pruner(_PATTERN.value, _SPARSITY.value), []
 
   def transform(model):

@@ -14,26 +14,15 @@ zero, after the optimizer, so weight decay cannot move it either.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from decoderjax.quant import QUANTIZED, input_dims
+from decoderjax.config import parse_pruning
+from decoderjax.quant import group_inputs, map_weights
 
 PRUNED = ("q", "k", "v", "o", "up", "gate", "down")
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-  """'N:M' -> (N, M); 'unstructured' -> None."""
-  if pattern == "unstructured":
-    return None
-  match = re.fullmatch(r"(\d+):(\d+)", pattern)
-  if not match or not 0 < int(match[1]) < int(match[2]):
-    raise ValueError(f"pattern must be 'unstructured' or N:M with 0 < N < M, got {pattern!r}")
-  return int(match[1]), int(match[2])
 
 
 def prune_unstructured(w: np.ndarray, sparsity: float) -> np.ndarray:
@@ -47,45 +36,26 @@ def prune_unstructured(w: np.ndarray, sparsity: float) -> np.ndarray:
 
 def prune_n_m(w: np.ndarray, keep, n: int, m: int) -> np.ndarray:
   """w with the m - n smallest of every m consecutive inputs of each channel set to zero."""
-  a, b = input_dims(w.ndim, keep)
-  inputs = int(np.prod(w.shape[a:b]))
-  if inputs % m:
-    raise ValueError(f"{m} does not divide the {inputs} inputs")
-  grouped = np.array(w).reshape(*w.shape[:a], inputs // m, m, *w.shape[b:])
-  order = np.argsort(np.abs(grouped), axis=a + 1)
-  np.put_along_axis(grouped, np.take(order, np.arange(m - n), axis=a + 1), 0, axis=a + 1)
+  grouped, axis = group_inputs(np.array(w), keep, m)
+  order = np.argsort(np.abs(grouped), axis=axis)
+  np.put_along_axis(grouped, np.take(order, np.arange(m - n), axis=axis), 0, axis=axis)
   return grouped.reshape(w.shape)
 
 
 def prune_params(params: dict, stacked: bool, pattern: str, sparsity: float = 0.5) -> dict:
   """A parameter tree with its layers' projections pruned (`stacked`: leading layer axis)."""
-  n_m = parse_pattern(pattern)
+  n_m = parse_pruning(pattern)
   if n_m is None and not 0.0 < sparsity < 1.0:
     raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
 
-  def prune(name, w):
-    keep = QUANTIZED[name]
+  def prune(name, w, keep, layered, _):
     if n_m is not None:
-      return prune_n_m(w, (0, *(i + 1 for i in keep)) if stacked else keep, *n_m)
-    if stacked:  # each layer's matrix on its own
-      return np.stack([prune_unstructured(layer, sparsity) for layer in w])
-    return prune_unstructured(w, sparsity)
+      return {name: prune_n_m(w, keep, *n_m)}
+    if layered:  # each layer's matrix on its own
+      return {name: np.stack([prune_unstructured(layer, sparsity) for layer in w])}
+    return {name: prune_unstructured(w, sparsity)}
 
-  def walk(tree, in_layers):
-    out = {}
-    for name, value in tree.items():
-      if isinstance(value, dict):
-        out[name] = walk(value, in_layers or name.startswith("layers"))
-      elif in_layers and name in PRUNED:
-        try:
-          out[name] = prune(name, np.asarray(value))
-        except ValueError as e:
-          raise ValueError(f"{name}: {e}") from None
-      else:
-        out[name] = value
-    return out
-
-  return walk(params, False)
+  return map_weights(params, stacked, PRUNED, prune)
 
 
 def sparsity_of(params) -> tuple[int, int]:

@@ -89,20 +89,31 @@ def quantize_int8(w: np.ndarray, keep) -> tuple[np.ndarray, np.ndarray]:
   return q, np.squeeze(scale, axis=reduce)
 
 
-def group_inputs(w: np.ndarray, keep, group: int) -> tuple[np.ndarray, int]:
+def group_inputs(w: np.ndarray, keep, group: int, even: bool = False) -> tuple[np.ndarray, int]:
   """w [*pre, *inputs, *post] -> ([*pre, I / group, group, *post], the group axis)."""
   a, b = input_dims(w.ndim, keep)
   inputs = math.prod(w.shape[a:b])
-  if group <= 0 or group % 2 or inputs % group:
-    raise ValueError(f"group size {group} must be even and divide the {inputs} inputs")
+  if group <= 0 or (even and group % 2) or inputs % group:
+    raise ValueError(
+      f"group size {group} must {'be even and ' if even else ''}divide the {inputs} inputs"
+    )
   return w.reshape(*w.shape[:a], inputs // group, group, *w.shape[b:]), a + 1
 
 
-def quantize_int4(w: np.ndarray, keep, group: int) -> tuple[np.ndarray, np.ndarray]:
-  """w -> (packed int8 bytes, scale float32), the shapes of int4_shapes (round to nearest)."""
-  grouped, axis = group_inputs(np.asarray(w, np.float32), keep, group)
-  scale = int4_scale(grouped, axis)
-  q = np.clip(np.rint(grouped / scale), -8, 7).astype(np.int8)
+def quantize_int4(w: np.ndarray, keep, group: int, gram=None) -> tuple[np.ndarray, np.ndarray]:
+  """w -> (packed int8 bytes, scale float32), the shapes of int4_shapes: rounded to nearest, or
+  with the Gram matrix [I, I] of a projection's inputs (its first dims) by GPTQ."""
+  w = np.asarray(w, np.float32)
+  grouped, axis = group_inputs(w, keep, group, even=True)
+  if gram is None:
+    scale = int4_scale(grouped, axis)
+    q = np.clip(np.rint(grouped / scale), -8, 7).astype(np.int8)
+  else:
+    if axis != 1:
+      raise ValueError("GPTQ takes a weight whose inputs are its first dims")
+    q, scale = gptq_int4(w.reshape(gram.shape[0], -1), gram, group)
+    q = q.reshape(grouped.shape)
+    scale = scale.reshape(grouped.shape[0], 1, *grouped.shape[2:])
   return pack_int4(q, axis), np.squeeze(scale, axis=axis)
 
 
@@ -163,54 +174,61 @@ def gptq_int4(w_IO: np.ndarray, gram_II: np.ndarray, group: int, damp: float = 0
   return q, scales
 
 
-def quantize_params(
-  params: dict, stacked: bool, mode: str = "int8", group: int = 64, grams: dict | None = None
-) -> dict:
-  """A float parameter tree -> the tree of the same model with `quant=mode`.
+def map_weights(params: dict, stacked: bool, names, fn, side: dict | None = None) -> dict:
+  """A parameter tree with each leaf called one of `names` (weights of QUANTIZED) replaced by
+  the leaves fn(name, w, keep, layered, side_leaf) returns ({leaf name: array}).
 
-  `stacked`: layers are scanned, so every leaf under "layers" has a leading layer axis.
-  `grams`: calibration (calibration.input_grams): for each int4 projection, the Gram matrix of
-  its inputs, by the projection's path; those are quantized by GPTQ, the rest to nearest.
+  `keep`: the dims QUANTIZED keeps, plus the layer axis where `layered` (scanned layers,
+  `stacked`, lead every leaf under "layers" with it). `side`: a tree shaped like params
+  (calibration statistics) whose leaf at the same path is passed along, None where absent.
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
-  def quantize(name, w, keep, gram, layered):
-    if mode_of(name, mode) == "int8":
-      return quantize_int8(w, keep)
-    if gram is None:
-      return quantize_int4(w, keep, group)
-    group_inputs(w, keep, group)  # checks the group size
-    packed, scales = [], []
-    for w_layer, h in zip(w if layered else w[None], gram if layered else gram[None], strict=True):
-      q, scale = gptq_int4(w_layer.reshape(h.shape[0], -1), h, group)
-      post = w_layer.shape[input_dims(w_layer.ndim, QUANTIZED[name])[1] :]
-      packed.append(pack_int4(q.reshape(-1, group, *post), 1))
-      scales.append(scale.reshape(-1, *post))
-    if layered:
-      return np.stack(packed), np.stack(scales)
-    return packed[0], scales[0]
-
-  def walk(tree, grams, in_layers):
+  def walk(tree, side, in_layers):
     out = {}
     for name, value in tree.items():
       if isinstance(value, dict):
-        out[name] = walk(value, (grams or {}).get(name), in_layers or name == "layers")
-      elif name in QUANTIZED:
+        out[name] = walk(value, (side or {}).get(name), in_layers or name == "layers")
+      elif name in names:
         keep, layered = QUANTIZED[name], in_layers and stacked
-        if layered:  # the layer axis is kept too: one scale per layer and channel
+        if layered:
           keep = (0, *(i + 1 for i in keep))
-        gram = (grams or {}).get(name)
-        w = np.asarray(value, np.float32)
         try:
-          out[name], out[f"{name}_scale"] = quantize(name, w, keep, gram, layered)
+          out.update(fn(name, np.asarray(value), keep, layered, (side or {}).get(name)))
         except ValueError as e:
           raise ValueError(f"{name}: {e}") from None
       else:
         out[name] = value
     return out
 
-  return walk(params, grams, False)
+  return walk(params, side, False)
+
+
+def quantize_params(
+  params: dict, stacked: bool, mode: str = "int8", group: int = 64, grams: dict | None = None
+) -> dict:
+  """A float parameter tree -> the tree of the same model with `quant=mode`.
+
+  `stacked`: layers are scanned, so every leaf under "layers" has a leading layer axis (one
+  scale per layer and channel). `grams`: calibration (calibration.input_grams): for each int4
+  projection, the Gram matrix of its inputs, by the projection's path; those are quantized by
+  GPTQ, the rest to nearest.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+  def quantize(name, w, keep, layered, gram):
+    if mode_of(name, mode) == "int8":
+      q, scale = quantize_int8(w, keep)
+    elif gram is None:
+      q, scale = quantize_int4(w, keep, group)
+    elif layered:  # GPTQ one layer at a time
+      pairs = [quantize_int4(x, QUANTIZED[name], group, h) for x, h in zip(w, gram, strict=True)]
+      q, scale = (np.stack(x) for x in zip(*pairs, strict=True))
+    else:
+      q, scale = quantize_int4(w, keep, group, gram)
+    return {name: q, f"{name}_scale": scale}
+
+  return map_weights(params, stacked, QUANTIZED, quantize, grams)
 
 
 def quantizer(mode: str, group: int = 64, calibrate=None):
