@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from decoderjax import convert, modeldir, quant, sampling
+from decoderjax import model as model_lib
 from decoderjax.sampling import SamplingConfig
 
 SMOLLM2_135M = dict(
@@ -118,7 +119,8 @@ def worker(args) -> dict:
       model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return bench_transformers(model, prompt, args.new_tokens, args.repeats)
   ours = modeldir.load_model_dir(args.dir)
-  return bench_decoderjax(ours.params, ours.config, prompt, args.new_tokens, args.repeats)
+  params, cfg = model_lib.for_generation(ours.params, ours.config)  # as the generate binary does
+  return bench_decoderjax(params, cfg, prompt, args.new_tokens, args.repeats)
 
 
 def run_worker(kind: str, directory: str, batch: int, dtype: str, args) -> dict:

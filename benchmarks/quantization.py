@@ -28,6 +28,7 @@ import tempfile
 import jax
 import numpy as np
 
+from decoderjax import model as model_lib
 from decoderjax import modeldir, pruning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,10 +57,11 @@ def worker(directory: str, text: str, prompt_len: int, new_tokens: int, kv_cache
   if len(ids) < prompt_len:
     raise ValueError(f"{text} has {len(ids)} tokens, fewer than a {prompt_len}-token prompt")
   prompt = np.asarray(ids[:prompt_len])[None]
-  figures = bench_decoderjax(model.params, cfg, prompt, new_tokens, repeats=3, keep_tokens=True)
   weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
   zeros, size = pruning.sparsity_of(model.params)
   sparsity = zeros / size if cfg.quant == "none" else None  # packed values are not weights
+  params, cfg = model_lib.for_generation(model.params, cfg)  # as the generate binary does
+  figures = bench_decoderjax(params, cfg, prompt, new_tokens, repeats=3, keep_tokens=True)
   return {**figures, "weight_bytes": weights, "peak_rss": peak_rss(), "sparsity": sparsity}
 
 

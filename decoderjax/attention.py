@@ -146,18 +146,16 @@ def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> 
   without copying the cache: one softmax over both key sets, values applied per set.
 
   An int8 cache comes as ((k, k_scale [B, K, S]), (v, v_scale)): the key scales multiply the
-  logits of their slots, the value scales the probabilities.
+  logits of their slots, the value scales the probabilities. A None mask of the earlier slots
+  (a fresh cache) leaves them out.
   """
   b, t, n, h = q_BTNH.shape
   (old_k, old_v), (k_BTKH, v_BTKH), (mask_BTS, mask_BTT) = old_kv, new_kv, masks
   dtype = q_BTNH.dtype
-  k_scale = v_scale = None
-  if isinstance(old_k, tuple):
-    (old_k, k_scale), (old_v, v_scale) = old_k, old_v
-  k_BKSH, v_BKSH = old_k.astype(dtype), old_v.astype(dtype)
-  k, s = k_BKSH.shape[1], k_BKSH.shape[2]
+  k = k_BTKH.shape[2]
   q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4) * (h**-0.5)
   big_neg = jnp.finfo(jnp.float32).min
+  f32 = jnp.float32
 
   def masked(logits_BKGTS, mask_BTS):
     if cfg.attn_logit_softcap is not None:
@@ -165,19 +163,28 @@ def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> 
       logits_BKGTS = cap * jnp.tanh(logits_BKGTS / cap)
     return jnp.where(mask_BTS[:, None, None], logits_BKGTS, big_neg)
 
-  f32 = jnp.float32
-  old_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=f32)
-  if k_scale is not None:
-    old_BKGTS = old_BKGTS * k_scale[:, :, None, None, :]
+  parts = []  # (masked logits [B, K, G, T, S], values, value scales [B, K, S], values' axes)
+  if mask_BTS is not None:
+    k_scale = v_scale = None
+    if isinstance(old_k, tuple):
+      (old_k, k_scale), (old_v, v_scale) = old_k, old_v
+    old_BKGTS = jnp.einsum(
+      "BKGTH,BKSH->BKGTS", q_BKGTH, old_k.astype(dtype), preferred_element_type=f32
+    )
+    if k_scale is not None:
+      old_BKGTS = old_BKGTS * k_scale[:, :, None, None, :]
+    parts.append((masked(old_BKGTS, mask_BTS), old_v.astype(dtype), v_scale, "BKSH"))
   new_BKGTT = jnp.einsum("BKGTH,BSKH->BKGTS", q_BKGTH, k_BTKH, preferred_element_type=f32)
-  logits_BKGTX = jnp.concatenate([masked(old_BKGTS, mask_BTS), masked(new_BKGTT, mask_BTT)], -1)
-  probs_BKGTX = jax.nn.softmax(logits_BKGTX, axis=-1)
-  old_probs_BKGTS = probs_BKGTX[..., :s]
-  if v_scale is not None:
-    old_probs_BKGTS = old_probs_BKGTS * v_scale[:, :, None, None, :]
-  out_BKGTH = jnp.einsum(
-    "BKGTS,BKSH->BKGTH", old_probs_BKGTS.astype(v_BKSH.dtype), v_BKSH
-  ) + jnp.einsum("BKGTS,BSKH->BKGTH", probs_BKGTX[..., s:].astype(v_BTKH.dtype), v_BTKH)
+  parts.append((masked(new_BKGTT, mask_BTT), v_BTKH, None, "BSKH"))
+  probs_BKGTX = jax.nn.softmax(jnp.concatenate([part[0] for part in parts], -1), axis=-1)
+  out_BKGTH, offset = 0, 0
+  for logits_BKGTS, values, scale_BKS, axes in parts:
+    s = logits_BKGTS.shape[-1]
+    probs_BKGTS = probs_BKGTX[..., offset : offset + s]
+    offset += s
+    if scale_BKS is not None:
+      probs_BKGTS = probs_BKGTS * scale_BKS[:, :, None, None, :]
+    out_BKGTH += jnp.einsum(f"BKGTS,{axes}->BKGTH", probs_BKGTS.astype(values.dtype), values)
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 

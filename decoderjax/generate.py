@@ -15,6 +15,7 @@ import numpy as np
 from absl import flags
 
 from decoderjax import cli, modeldir, sampling, sharding, tasks
+from decoderjax import model as model_lib
 from decoderjax.config import KV_CACHES
 from decoderjax.sampling import SamplingConfig
 
@@ -233,6 +234,7 @@ def main(argv):
     raise ValueError(f"--num_beams must be >= 1, got {_NUM_BEAMS.value}")
   mesh = _MESH()
   model = modeldir.load_model_dir(_CHECKPOINT.value, mesh)
+  model.params, model.config = model_lib.for_generation(model.params, model.config)
   model.config = model.config.replace(kv_cache=_KV_CACHE.value)
   gen, tok = model.generation, model.tokenizer
   option = lambda flag, key, default=None: (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax
 import flax.linen as nn
 import jax
@@ -22,6 +24,12 @@ from decoderjax.layers import (
 )
 
 Array = jax.Array
+
+# Where cached calls of a per-layer (unscanned) model loop over layers with `lax.switch`
+# (`switched_layers`) instead of unrolling them: XLA CPU runs an unrolled decode graph's matmuls
+# one thread at a time, and a scan copies every layer's weights out of the stacked arrays. GPU
+# conditionals read their branch index on the host, so accelerators keep the unrolled graph.
+SWITCH_LAYERS_BACKENDS = ("cpu",)
 
 REMAT_POLICIES = {
   "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -144,10 +152,11 @@ class Decoder(nn.Module):
 
     Without a cache, `segment_ids_BT` (0 = padding) keeps packed documents apart and positions
     restart per document. With a cache, the tokens are written at `cache.index` and attend to
-    every earlier slot of the same segment; `start` marks the first call of a sequence (where a
-    soft prompt goes). `return_hidden` returns final hidden states instead of logits;
-    `embed_delta_BTD` is added to the token embeddings (adversarial training). A classifier
-    (`num_labels`) returns class logits [B, T, C] at every position.
+    every earlier slot of the same segment; `start` marks the first call of a sequence, into an
+    empty cache (the tokens attend only to each other; a soft prompt goes first).
+    `return_hidden` returns final hidden states instead of logits; `embed_delta_BTD` is added to
+    the token embeddings (adversarial training). A classifier (`num_labels`) returns class
+    logits [B, T, C] at every position.
     """
     cfg = self.config
     dtype = dtype_of(cfg.dtype)
@@ -221,9 +230,11 @@ class Decoder(nn.Module):
       segment_ids_BT = segment_ids_BT.astype(jnp.int32)
       positions_BT = positions_BT.astype(jnp.int32)
       args = (segment_ids_BT, positions_BT, index + q_slot_T)
-      old_BTS = attention_mask(
-        *args, cache.segment, cache.position, jnp.arange(cache.length), cfg.sliding_window
-      )
+      old_BTS = None  # the first call of a sequence: the cache holds nothing to attend to
+      if not start:
+        old_BTS = attention_mask(
+          *args, cache.segment, cache.position, jnp.arange(cache.length), cfg.sliding_window
+        )
       new_BTT = attention_mask(*args, *args, cfg.sliding_window)
       mask_BTS = (old_BTS, new_BTT)
       kv = cache.layers
@@ -242,6 +253,11 @@ class Decoder(nn.Module):
       )
       x_BTD, new_kv = stack(cfg, deterministic, name="layers")(
         x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT
+      )
+    elif kv is not None and deterministic and not self.is_initializing() and _switch_layers():
+      layers = [self.variables["params"][f"layers_{i}"] for i in range(cfg.num_layers)]
+      x_BTD, new_kv = switched_layers(
+        cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT
       )
     else:
       new_layers = []
@@ -304,13 +320,63 @@ class Decoder(nn.Module):
     return logits_BTV, new_cache
 
 
-def unstack_layers(params: dict, num_layers: int) -> dict:
-  """Scanned params (one 'layers' tree with a leading L axis) -> per-layer 'layers_i' trees."""
+def _switch_layers() -> bool:
+  return jax.default_backend() in SWITCH_LAYERS_BACKENDS
+
+
+def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT):
+  """Inference layers as a loop whose step i runs layer i's own weights (`lax.switch` over L
+  branches): one compiled layer body per layer, scheduled like a scan's, and no slicing of
+  stacked weights. Returns (x, the new tokens' keys and values stacked over L)."""
+
+  def run(i, layers, x_BTD, kv):
+    kv_i = jax.tree.map(lambda a: a[i], kv)
+    return Block(cfg).apply(
+      {"params": layers[i]}, x_BTD, positions_BT, mask_BTS, kv_i, segment_ids_BT
+    )
+
+  branches = [functools.partial(run, i) for i in range(cfg.num_layers)]
+  new = jax.eval_shape(branches[0], layers, x_BTD, kv)[1]
+  stacked = jax.tree.map(lambda z: jnp.zeros((cfg.num_layers, *z.shape), z.dtype), new)
+
+  def step(i, carry):
+    x_BTD, stacked = carry
+    x_BTD, new = jax.lax.switch(i, branches, layers, x_BTD, kv)
+    put = lambda all_, one: jax.lax.dynamic_update_index_in_dim(all_, one, i, 0)
+    return x_BTD, jax.tree.map(put, stacked, new)
+
+  return jax.lax.fori_loop(0, cfg.num_layers, step, (x_BTD, stacked))
+
+
+def unstack_layers(params: dict, num_layers: int, consume: bool = False) -> dict:
+  """Scanned params (one 'layers' tree with a leading L axis) -> per-layer 'layers_i' trees.
+
+  `consume` deletes each stacked array once it is split, so the peak is the weights plus one
+  array rather than two copies of the layers."""
   params = dict(params)
-  stacked = params.pop("layers")
-  for i in range(num_layers):
-    params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  leaves, treedef = jax.tree.flatten(params.pop("layers"))
+  per_layer = [[] for _ in range(num_layers)]
+  for leaf in leaves:
+    for i in range(num_layers):
+      per_layer[i].append(leaf[i])
+    if consume and isinstance(leaf, jax.Array):
+      jax.block_until_ready(per_layer[-1][-1])
+      leaf.delete()
+  for i, layer in enumerate(per_layer):
+    params[f"layers_{i}"] = jax.tree.unflatten(treedef, layer)
   return params
+
+
+def for_generation(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+  """(params, config) in the layout generation reads fastest: one array per layer.
+
+  Decoding a scanned model slices each layer's weights out of the stacked arrays at every step,
+  which XLA CPU does by copying them (about a third of a SmolLM2 decode step); MaxText likewise
+  decodes from unscanned checkpoints. Consumes `params` when it converts them.
+  """
+  if not cfg.scan_layers:
+    return params, cfg
+  return unstack_layers(params, cfg.num_layers, consume=True), cfg.replace(scan_layers=False)
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import reference
 
+from decoderjax import model as model_lib
 from decoderjax.config import ModelConfig, RopeScaling, get_preset
 from decoderjax.layers import rope_frequencies
 from decoderjax.model import Decoder, count_params, init_cache, stack_layers, unstack_layers
@@ -114,6 +115,27 @@ def test_cache_decoding_equals_full_forward(name):
     steps.append(logits)
   assert int(cache.index) == 12
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_cache", ["auto", "int8"])
+def test_generation_layouts_decode_alike(monkeypatch, kv_cache):
+  """Scanned weights (nn.scan), per-layer weights looped by lax.switch (CPU generation) and
+  per-layer weights unrolled (accelerators) give the same logits and caches."""
+  cfg = VARIANTS["llama-gqa"].replace(kv_cache=kv_cache)
+  params = init_params(cfg)
+  toks = tokens(cfg, b=2, t=12)
+  want, want_cache = _decode(cfg, params, toks)
+  copy = jax.tree.map(jnp.array, params)
+  per_layer, per_layer_cfg = model_lib.for_generation(copy, cfg)
+  assert not per_layer_cfg.scan_layers and "layers_1" in per_layer
+  assert all(x.is_deleted() for x in jax.tree.leaves(copy["layers"]))  # consumed as it went
+  got = {"switch": _decode(per_layer_cfg, per_layer, toks)}
+  monkeypatch.setattr(model_lib, "SWITCH_LAYERS_BACKENDS", ())
+  got["unrolled"] = _decode(per_layer_cfg, per_layer, toks)
+  for logits, cache in got.values():
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(want_cache), strict=True):
+      np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_scan_equals_unrolled_and_remat_equals_plain():
