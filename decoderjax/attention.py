@@ -132,18 +132,20 @@ def xla_attention(
   return out_BTKGH.reshape(b, t, n, h)
 
 
-def quantize_kv(x_BKTH: Array) -> tuple[Array, Array]:
-  """Keys or values -> (int8 [B, K, T, H], float32 scale [B, K, T]): one scale per slot and head."""
-  x = x_BKTH.astype(jnp.float32)
-  scale_BKT = jnp.max(jnp.abs(x), axis=-1) / 127.0
-  scale_BKT = jnp.where(scale_BKT > 0, scale_BKT, 1.0)
-  q = jnp.clip(jnp.round(x / scale_BKT[..., None]), -127, 127).astype(jnp.int8)
-  return q, scale_BKT
+def quantize_kv(x: Array, head_axis: int) -> tuple[Array, Array]:
+  """Keys or values -> (int8, same layout; float32 scales without `head_axis`): one scale per
+  slot and head, max |x| / 127 over the head dim."""
+  x = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=head_axis) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  q = jnp.clip(jnp.round(x / jnp.expand_dims(scale, head_axis)), -127, 127).astype(jnp.int8)
+  return q, scale
 
 
 def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> Array:
-  """Attention over the cache's earlier slots ([B, K, S, H]) and the new tokens ([B, T, K, H]),
-  without copying the cache: one softmax over both key sets, values applied per set.
+  """Attention over the cache's earlier slots (keys [B, K, H, S], values [B, K, S, H]) and the
+  new tokens ([B, T, K, H]), without copying the cache: one softmax over both key sets, values
+  applied per set.
 
   An int8 cache comes as ((k, k_scale [B, K, S]), (v, v_scale)): the key scales multiply the
   logits of their slots, the value scales the probabilities. A None mask of the earlier slots
@@ -169,7 +171,7 @@ def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> 
     if isinstance(old_k, tuple):
       (old_k, k_scale), (old_v, v_scale) = old_k, old_v
     old_BKGTS = jnp.einsum(
-      "BKGTH,BKSH->BKGTS", q_BKGTH, old_k.astype(dtype), preferred_element_type=f32
+      "BKGTH,BKHS->BKGTS", q_BKGTH, old_k.astype(dtype), preferred_element_type=f32
     )
     if k_scale is not None:
       old_BKGTS = old_BKGTS * k_scale[:, :, None, None, :]
@@ -234,11 +236,11 @@ class Attention(nn.Module):
 
     new_kv = None
     if kv is not None:  # the caller writes the new entries into the cache, in place
-      new_BKTH = (k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3))
+      k_BKHT, v_BKTH = k_BTKH.transpose(0, 2, 3, 1), v_BTKH.transpose(0, 2, 1, 3)  # as cached
       if cfg.kv_cache == "int8":
-        new_kv = tuple(quantize_kv(z) for z in new_BKTH)
+        new_kv = (quantize_kv(k_BKHT, head_axis=2), quantize_kv(v_BKTH, head_axis=3))
       else:
-        new_kv = tuple(z.astype(c.dtype) for z, c in zip(new_BKTH, kv, strict=True))
+        new_kv = (k_BKHT.astype(kv[0].dtype), v_BKTH.astype(kv[1].dtype))
 
     dropout_active = cfg.attn_dropout > 0 and not self.deterministic
     impl = "cached" if kv is not None else resolve_impl(cfg, dropout_active, x_BTD.shape[1])

@@ -55,11 +55,20 @@ class SamplingConfig:
     return (self.repetition_penalty, self.frequency_penalty, self.presence_penalty) != (1, 0, 0)
 
 
+def greedy_tokens(logits_BV: Array) -> Array:
+  """jnp.argmax over the vocabulary (the first index on ties; NaN ranks as +inf) as two plain
+  reductions: XLA CPU's variadic arg-max reduce took 0.9 ms for 8 x 49,152 logits, these 0.2."""
+  logits_BV = jnp.where(jnp.isnan(logits_BV), jnp.inf, logits_BV)  # NaN wins, as in argmax
+  hit_BV = logits_BV == jnp.max(logits_BV, axis=-1, keepdims=True)
+  v = logits_BV.shape[-1]
+  return jnp.min(jnp.where(hit_BV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def sample_logits(logits_BV: Array, rng: Array, cfg: SamplingConfig) -> Array:
   """Greedy when cfg.temperature == 0, else sampling restricted by top-k, top-p and min-p."""
   logits_BV = logits_BV.astype(jnp.float32)
   if cfg.temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1)
+    return greedy_tokens(logits_BV)
   scaled_BV = logits_BV / cfg.temperature
   if cfg.top_k:
     kth_B1 = jax.lax.top_k(scaled_BV, min(cfg.top_k, scaled_BV.shape[-1]))[0][:, -1:]

@@ -41,6 +41,16 @@ def test_greedy_equals_argmax_of_full_recomputation(tiny):
     sequence.append(int(token))
 
 
+def test_greedy_tokens_is_argmax():
+  logits = np.random.default_rng(0).standard_normal((64, 300)).astype(np.float32)
+  logits[:, 7] = logits.max(-1)  # ties: the first index wins
+  logits[3, 40] = np.nan  # as jnp.argmax: the first NaN
+  logits[5, [9, 20]] = np.nan
+  got = sampling.greedy_tokens(jnp.asarray(logits))
+  np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(logits), axis=-1))
+  assert got.dtype == jnp.int32 and int(got[3]) == 40 and int(got[5]) == 9
+
+
 def test_batched_generation_equals_one_by_one(tiny):
   cfg, params = tiny
   prompts = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3], [100], [1, 2]]

@@ -130,11 +130,14 @@ def test_generation_layouts_decode_alike(monkeypatch, kv_cache):
   assert not per_layer_cfg.scan_layers and "layers_1" in per_layer
   assert all(x.is_deleted() for x in jax.tree.leaves(copy["layers"]))  # consumed as it went
   got = {"switch": _decode(per_layer_cfg, per_layer, toks)}
+  with pytest.raises(ValueError, match="per-layer KVCache for a model with scan_layers=True"):
+    Decoder(cfg).apply({"params": params}, toks, cache=init_cache(per_layer_cfg, 2, 16))
   monkeypatch.setattr(model_lib, "SWITCH_LAYERS_BACKENDS", ())
   got["unrolled"] = _decode(per_layer_cfg, per_layer, toks)
   for logits, cache in got.values():
     np.testing.assert_allclose(logits, want, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(want_cache), strict=True):
+    assert cache.per_layer and len(cache.k) == cfg.num_layers
+    for a, b in zip(jax.tree.leaves(cache.stacked()), jax.tree.leaves(want_cache), strict=True):
       np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -311,9 +314,12 @@ def test_int8_cache_decoding_is_close_to_float_cache(name, scan):
   toks = tokens(cfg, b=2, t=12)
   want, float_cache = _decode(cfg, params, toks)
   got, cache = _decode(cfg.replace(kv_cache="int8"), params, toks)
-  assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1]
+  assert cache.per_layer == (not scan)
+  cache, float_cache = cache.stacked(), float_cache.stacked()
+  assert cache.k.dtype == jnp.int8 and cache.v_scale.shape == cache.v.shape[:-1]
+  slots_last = lambda keys: jnp.swapaxes(keys, -1, -2)  # keys are cached as [..., H, S]
   for q, scale, ref in (
-    (cache.k, cache.k_scale, float_cache.k),
+    (slots_last(cache.k), cache.k_scale, slots_last(float_cache.k)),
     (cache.v, cache.v_scale, float_cache.v),
   ):
     # Each stored key / value is within half a step (its head's peak / 254) of the float one:
