@@ -63,24 +63,22 @@ def time_steps(step, steps: int) -> list[float]:
   return times
 
 
-def run_decoderjax(shape: dict, steps: int, scan: bool | None = None) -> dict:
-  from decoderjax import sharding
-
-  sharding.split_cpu(-1, (shape["batch"],))  # as the train binary does, before JAX starts
+def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None):
+  """(step() -> loss as a float, compile seconds): decoderjax's full train step (forward,
+  backward, AdamW) on random tokens, sharded and jitted as the train binary does it."""
   import functools
 
   import jax
   import numpy as np
 
-  from decoderjax import data, experiment, trainer
+  from decoderjax import data, experiment, sharding, trainer
   from decoderjax.optimizer import OptimizerConfig, make_optimizer, make_schedule
   from decoderjax.steps import LossConfig, train_step
 
-  cfg = model_config(shape, scan)
   exp = experiment.Experiment(
-    cfg, data.DataConfig(seq_len=shape["seq"]), OptimizerConfig(), LossConfig(),
-    experiment.TrainConfig(batch_size=shape["batch"]), experiment.EvalConfig(),
-    experiment.CheckpointConfig(), sharding.MeshConfig(),
+    cfg, data.DataConfig(seq_len=seq), OptimizerConfig(), LossConfig(),
+    experiment.TrainConfig(batch_size=batch_size), experiment.EvalConfig(),
+    experiment.CheckpointConfig(), mesh_config or sharding.MeshConfig(),
   )  # fmt: skip
   mesh = sharding.make_mesh(exp.mesh)
   optimizer = make_optimizer(exp.optimizer, 1000)
@@ -96,20 +94,29 @@ def run_decoderjax(shape: dict, steps: int, scan: bool | None = None) -> dict:
       out_shardings=(layout["state"], None),
       donate_argnums=0,
     )  # fmt: skip
-    rng = np.random.default_rng(0)
-    window = rng.integers(0, shape["vocab"], (shape["batch"], shape["seq"] + 1))
+    window = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch_size, seq + 1))
     batch = sharding.global_batch(mesh, data.pack_window(window, None))
     start = time.perf_counter()
     compiled = fn.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - start
-    holder = [state]
+  holder = [state]
 
-    def step():
-      holder[0], metrics = compiled(holder[0], batch, frozen)
-      float(metrics["loss"])  # wait, as the trainer does
+  def step() -> float:
+    holder[0], metrics = compiled(holder[0], batch, frozen)
+    return float(metrics["loss"])  # wait, as the trainer does
 
-    step()  # warm-up
-    times = time_steps(step, steps)
+  return step, compile_s
+
+
+def run_decoderjax(shape: dict, steps: int, scan: bool | None = None) -> dict:
+  from decoderjax import sharding
+
+  sharding.split_cpu(-1, (shape["batch"],))  # as the train binary does, before JAX starts
+  import jax
+
+  step, compile_s = compiled_train_step(model_config(shape, scan), shape["batch"], shape["seq"])
+  step()  # warm-up
+  times = time_steps(step, steps)
   return {"step_s": times, "compile_s": compile_s, "devices": jax.device_count()}
 
 
