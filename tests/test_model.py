@@ -10,6 +10,7 @@ import pytest
 import reference
 
 from decoderjax import model as model_lib
+from decoderjax.attention import xla_attention
 from decoderjax.config import ModelConfig, RopeScaling, get_preset
 from decoderjax.layers import rope_frequencies
 from decoderjax.model import Decoder, count_params, init_cache, stack_layers, unstack_layers
@@ -172,6 +173,27 @@ def test_dot_product_attention_impl_matches_xla():
     cfg.replace(attention_impl="dot_product_attention"), params, toks, segment_ids_BT=segments
   )
   np.testing.assert_allclose(dpa, xla, atol=1e-5)
+
+
+def test_xla_attention_matches_softmax_attention_and_its_gradients():
+  """Softmax normalized after the value matmul equals plain softmax attention, values and
+  gradients, with rows that see nothing (padding)."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 6, n, 8)), jnp.float32) for n in (4, 2, 2))
+  mask = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0).at[1, :2].set(False)
+
+  def plain(q, k, v):
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(2, 6, 2, 2, 8) / 8**0.5, k)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(logits, axis=-1), v)
+    return out.reshape(2, 6, 4, 8)
+
+  ours = lambda q, k, v: xla_attention(q, k, v, mask)
+  np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), atol=1e-6)
+  loss = lambda f: lambda *x: jnp.sum(jnp.sin(f(*x)))
+  grads = (jax.grad(loss(f), (0, 1, 2))(q, k, v) for f in (ours, plain))
+  for got, want in zip(*grads, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_bfloat16_close_to_float32():
