@@ -73,9 +73,11 @@ class KVCache:
     of one such tree per layer."""
     if not self.per_layer:
       return _reads(self.k, self.v, self.k_scale, self.v_scale)
-    none = (None,) * len(self.k)
-    scales = (none, none) if self.k_scale is None else (self.k_scale, self.v_scale)
-    return [_reads(*arrays) for arrays in zip(self.k, self.v, *scales, strict=True)]
+    at = lambda x, i: None if x is None else x[i]
+    return [
+      _reads(self.k[i], self.v[i], at(self.k_scale, i), at(self.v_scale, i))
+      for i in range(len(self.k))
+    ]
 
   def written(self, new_kv, segment_BT: Array, positions_BT: Array) -> KVCache:
     """The new tokens' entries (stacked over L, laid out as the cache) written at `index`, in
@@ -323,7 +325,12 @@ class Decoder(nn.Module):
       x_BTD, new_kv = stack(cfg, deterministic, name="layers")(
         x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT
       )
-    elif kv is not None and deterministic and not self.is_initializing() and _switch_layers():
+    elif (
+      kv is not None
+      and deterministic
+      and not self.is_initializing()
+      and jax.default_backend() in SWITCH_LAYERS_BACKENDS
+    ):
       layers = [self.variables["params"][f"layers_{i}"] for i in range(cfg.num_layers)]
       x_BTD, new_kv = switched_layers(
         cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT
@@ -370,10 +377,6 @@ class Decoder(nn.Module):
     return logits_BTV, new_cache
 
 
-def _switch_layers() -> bool:
-  return jax.default_backend() in SWITCH_LAYERS_BACKENDS
-
-
 def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT):
   """Inference layers as a loop whose step i runs layer i's own weights (`lax.switch` over L
   branches): one compiled layer body per layer, scheduled like a scan's, and no slicing of
@@ -407,10 +410,11 @@ def unstack_layers(params: dict, num_layers: int, consume: bool = False) -> dict
   leaves, treedef = jax.tree.flatten(params.pop("layers"))
   per_layer = [[] for _ in range(num_layers)]
   for leaf in leaves:
-    for i in range(num_layers):
-      per_layer[i].append(leaf[i])
+    slices = [leaf[i] for i in range(num_layers)]
+    for layer, piece in zip(per_layer, slices, strict=True):
+      layer.append(piece)
     if consume and isinstance(leaf, jax.Array):
-      jax.block_until_ready(per_layer[-1][-1])
+      jax.block_until_ready(slices)  # every slice read, then the stacked array goes
       leaf.delete()
   for i, layer in enumerate(per_layer):
     params[f"layers_{i}"] = jax.tree.unflatten(treedef, layer)
@@ -421,8 +425,9 @@ def for_generation(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   """(params, config) in the layout generation reads fastest: one array per layer.
 
   Decoding a scanned model slices each layer's weights out of the stacked arrays at every step,
-  which XLA CPU does by copying them (about a third of a SmolLM2 decode step); MaxText likewise
-  decodes from unscanned checkpoints. Consumes `params` when it converts them.
+  which XLA CPU does by copying them (87 of 148 thread-ms of a SmolLM2 batch-8 decode step);
+  MaxText likewise decodes from unscanned checkpoints. The price on CPU is compile time (one
+  compiled body per layer, `switched_layers`). Consumes `params` when it converts them.
   """
   if not cfg.scan_layers:
     return params, cfg
