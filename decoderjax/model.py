@@ -377,6 +377,12 @@ class Decoder(nn.Module):
     return logits_BTV, new_cache
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _inference_block(cfg, params, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT):
+  """One layer's inference call, jitted so that L calls with equal shapes trace it once."""
+  return Block(cfg).apply({"params": params}, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT)
+
+
 def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT):
   """Inference layers as a loop whose step i runs layer i's own weights (`lax.switch` over L
   branches): one compiled layer body per layer, scheduled like a scan's, and no slicing of
@@ -384,9 +390,7 @@ def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_
   values stacked over L)."""
 
   def run(i, layers, x_BTD, kv):
-    return Block(cfg).apply(
-      {"params": layers[i]}, x_BTD, positions_BT, mask_BTS, kv[i], segment_ids_BT
-    )
+    return _inference_block(cfg, layers[i], x_BTD, positions_BT, mask_BTS, kv[i], segment_ids_BT)
 
   branches = [functools.partial(run, i) for i in range(cfg.num_layers)]
   new = jax.eval_shape(branches[0], layers, x_BTD, kv)[1]

@@ -305,17 +305,8 @@ def compile_programs(params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampl
   prefill_fn = prefill.lower(
     params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling
   ).compile()
-  state = jax.eval_shape(
-    functools.partial(prefill, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling),
-    params,
-    prompt_BT=prompt_BT,
-    mask_BT=mask_BT,
-    rng=rng,
-  )
   state = jax.tree.map(  # decode takes the state as prefill lays it out over the mesh
-    lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
-    state,
-    prefill_fn.output_shardings,
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), prefill_fn.out_info
   )
   decode_fn = decode.lower(params, cfg, state, 0, stop_array(stop_ids), sampling).compile()
   return prefill_fn, decode_fn
