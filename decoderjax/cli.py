@@ -1,12 +1,25 @@
-"""What every binary shares: one-line errors instead of tracebacks for problems users can fix."""
+"""What every binary shares: one-line errors instead of tracebacks for problems users can fix,
+and JAX's persistent compilation cache."""
 
 from __future__ import annotations
 
+import hashlib
+import platform
 import sys
 
+import jax
 from absl import app, flags, logging
 
+from decoderjax import corpus
 from decoderjax.trainer import TrainingError
+
+_COMPILATION_CACHE = flags.DEFINE_string(
+  "compilation_cache",
+  None,
+  "Directory of JAX's persistent compilation cache, so a rerun loads its compiled programs "
+  "instead of compiling them again (default: $JAX_COMPILATION_CACHE_DIR, else "
+  "~/.cache/decoderjax/xla-<this CPU>); 'none' turns it off.",
+)
 
 USER_ERRORS = (ValueError, OSError, ImportError, TrainingError)
 
@@ -52,11 +65,38 @@ def define_mesh_flags():
   return mesh
 
 
+def host_fingerprint() -> str:
+  """The CPU model and instruction-set flags: XLA's compiled CPU code is only valid where they
+  match, and JAX's cache key does not include them (a home directory may be shared by hosts)."""
+  text = platform.machine() + platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      text += "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+  except OSError:
+    pass
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+  """Turns on JAX's persistent compilation cache in `directory` (None: the default above;
+  'none': off). Programs that compile in under a second are not stored. Returns the directory."""
+  if directory is None:
+    directory = jax.config.jax_compilation_cache_dir or corpus.user_cache(
+      f"xla-{host_fingerprint()}"
+    )
+  if directory.lower() == "none":
+    jax.config.update("jax_compilation_cache_dir", None)
+    return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
+
+
 def run(main) -> None:
   """absl's app.run, with user-fixable errors printed as `error: ...` and exit status 1."""
 
   def guarded(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter off; --verbosity=0 on
+    enable_compilation_cache(_COMPILATION_CACHE.value)
     try:
       return main(argv)
     except USER_ERRORS as e:

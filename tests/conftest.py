@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 import jax
 import pytest
@@ -9,6 +10,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Binaries run as subprocesses share one compilation cache for the session, not the user's
+# (this process read the variable at `import jax`, so its own compiles are not cached).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="decoderjax-xla-"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")

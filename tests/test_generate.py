@@ -236,14 +236,34 @@ def char_model(tmp_path_factory):
   return directory, cfg, params, tok
 
 
-def run_generate(directory, *flags, stdin=None):
+def run_generate(directory, *flags, stdin=None, env=None):
   import subprocess
   import sys
 
   return subprocess.run(
     [sys.executable, "-m", "decoderjax.generate", f"--checkpoint={directory}", *flags],
-    capture_output=True, text=True, timeout=300, input=stdin,
+    capture_output=True, text=True, timeout=300, input=stdin, env=env,
   )  # fmt: skip
+
+
+def test_generate_cli_keeps_compiled_programs_in_the_user_cache(char_model, tmp_path):
+  import os
+
+  directory = char_model[0]
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env.update(XDG_CACHE_HOME=str(tmp_path / "home"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  flags = ["--prompt=abc", "--max_new_tokens=8", "--ignore_eos"]
+  first = run_generate(directory, *flags, env=env)
+  assert first.returncode == 0, first.stderr
+  [cache] = (tmp_path / "home" / "decoderjax").glob("xla-*")  # keyed by this host's CPU
+  assert {"jit_prefill", "jit_decode"} <= {p.name.split("-")[0] for p in cache.iterdir()}
+  again = run_generate(directory, *flags, env=env)  # the programs come from the cache
+  assert again.returncode == 0, again.stderr
+  assert again.stdout.splitlines()[0] == first.stdout.splitlines()[0]
+  env["XDG_CACHE_HOME"] = str(tmp_path / "off")
+  off = run_generate(directory, *flags, "--compilation_cache=none", env=env)
+  assert off.returncode == 0, off.stderr
+  assert not (tmp_path / "off").exists()
 
 
 def test_generate_cli_streams_stops_on_strings_and_reads_jsonl(char_model, tmp_path):
