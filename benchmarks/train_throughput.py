@@ -109,12 +109,14 @@ def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None):
 
 
 def run_decoderjax(shape: dict, steps: int, scan: bool | None = None) -> dict:
-  from decoderjax import sharding
+  from decoderjax import metrics, sharding
 
-  sharding.split_cpu(-1, (shape["batch"],))  # as the train binary does, before JAX starts
+  cfg = model_config(shape, scan)
+  # as the train binary does, before JAX starts
+  sharding.split_cpu(-1, (shape["batch"],), metrics.matmul_params(cfg))
   import jax
 
-  step, compile_s = compiled_train_step(model_config(shape, scan), shape["batch"], shape["seq"])
+  step, compile_s = compiled_train_step(cfg, shape["batch"], shape["seq"])
   step()  # warm-up
   times = time_steps(step, steps)
   return {"step_s": times, "compile_s": compile_s, "devices": jax.device_count()}

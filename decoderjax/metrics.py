@@ -27,17 +27,21 @@ _PEAKS = {
 }
 
 
+def matmul_params(cfg: ModelConfig) -> int:
+  """Parameters of the model's matrices (projections, MLP, embedding / head), from the config."""
+  d, h = cfg.embed_dim, cfg.head_size
+  attn = d * h * (2 * cfg.num_heads + 2 * cfg.kv_heads)
+  mlp = (3 if cfg.mlp != "gelu" else 2) * d * cfg.mlp_dim
+  return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, weight_grads: bool = True) -> float:
   """Training FLOPs per token: 6 x matmul parameters + attention scores (PaLM appendix B).
 
   A frozen base (LoRA, prompt tuning) computes no weight gradients: 4 x instead of 6 x.
   """
-  d, h = cfg.embed_dim, cfg.head_size
-  attn = d * h * (2 * cfg.num_heads + 2 * cfg.kv_heads)
-  mlp = (3 if cfg.mlp != "gelu" else 2) * d * cfg.mlp_dim
-  matmul_params = cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
-  attention_scores = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * h / 2  # causal half
-  return (6 if weight_grads else 4) * matmul_params + 3 * attention_scores
+  attention_scores = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_size / 2
+  return (6 if weight_grads else 4) * matmul_params(cfg) + 3 * attention_scores  # causal half
 
 
 @functools.cache

@@ -12,7 +12,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from decoderjax import cli, data, experiment, modeldir, sharding, tasks, trainer
+from decoderjax import cli, data, experiment, metrics, modeldir, sharding, tasks, trainer
 from decoderjax.tokenizer import load_tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
@@ -28,11 +28,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   config = _CONFIG.value
-  if "mesh" in config and "train" in config:  # before anything starts JAX's backends
-    train, accum = config.train.batch_size, config.get("loss", {}).get("grad_accum_steps", 1)
-    batches = (train, train // max(accum, 1), config.eval.get("batch_size", 0) or train)
-    sharding.split_cpu(config.mesh.get("cpu_devices", 0), batches)
-  sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   data_cfg = experiment.data_config(config)
@@ -52,6 +47,11 @@ def main(argv):
     dataset = tasks.load_task_dataset(data_cfg, tokenizer, template)
   num_labels = len(dataset.label_names or [])
   exp = experiment.experiment_from_config(config, dataset.tokenizer.vocab_size, base, num_labels)
+  # Nothing above starts JAX's backends: the CPU split and the cluster come first.
+  train_batch, accum = exp.train.batch_size, max(exp.loss.grad_accum_steps, 1)
+  batches = (train_batch, train_batch // accum, exp.eval.batch_size or train_batch)
+  sharding.split_cpu(exp.mesh.cpu_devices, batches, metrics.matmul_params(exp.model))
+  sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   final = trainer.train(exp, workdir, dataset)
   if jax.process_count() > 1:  # leave together: no process exits while another still talks
     sharding.sync_hosts("decoderjax.train done")

@@ -11,7 +11,8 @@ import textwrap
 import pytest
 from conftest import REPO
 
-from decoderjax import sharding
+from decoderjax import metrics, sharding
+from decoderjax.config import get_preset
 
 EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 MODEL = [
@@ -238,3 +239,7 @@ def test_cpu_devices_auto_takes_one_per_core_that_the_batches_divide_over():
   assert sharding.devices_per_core(8, (7,)) == 7
   assert sharding.devices_per_core(3, (16, 32)) == 2
   assert sharding.devices_per_core(1, (12,)) == 1
+  gpt2 = get_preset("gpt2")  # 124M: its matmuls keep the cores busy in one device
+  assert metrics.matmul_params(gpt2) > sharding.CPU_SPLIT_MAX_PARAMS
+  assert sharding.devices_per_core(2, (12, 64), metrics.matmul_params(gpt2)) == 1
+  assert sharding.devices_per_core(2, (12, 64), metrics.matmul_params(get_preset("tiny-gpt2"))) == 2
