@@ -106,6 +106,9 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg: ModelConfig) -
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+CAUSAL_BLOCK = 128  # xla_attention's query blocks
+
+
 def xla_attention(
   q_BTNH: Array,
   k_BSKH: Array,
@@ -114,10 +117,31 @@ def xla_attention(
   softcap: float | None = None,
   dropout: callable = None,
 ) -> Array:
-  """Reference grouped-query attention in einsums; softmax in float32."""
+  """Reference grouped-query attention in einsums; softmax in float32.
+
+  Self-attention over a whole sequence (T == S, at least two CAUSAL_BLOCKs) runs by blocks of
+  queries, each over the keys up to its end: the mask is causal by slot, so the skipped scores
+  are all masked (at T = 256 a quarter of the score work and memory passes, at 512 3/8). A row
+  that sees nothing (padding) averages the values its block reaches, not all of them.
+  """
   b, t, n, h = q_BTNH.shape
   k = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * (h**-0.5)
+  c = CAUSAL_BLOCK
+  if t != k_BSKH.shape[1] or t < 2 * c or t % c or dropout is not None:
+    out_BTKGH = _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, softcap, dropout)
+  else:
+    blocks = [
+      _attend(q_BTKGH[:, i : i + c], k_BSKH[:, : i + c], v_BSKH[:, : i + c],
+              mask_BTS[:, i : i + c, : i + c], softcap, None)
+      for i in range(0, t, c)
+    ]  # fmt: skip
+    out_BTKGH = jnp.concatenate(blocks, axis=1)
+  return out_BTKGH.reshape(b, t, n, h)
+
+
+def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, softcap, dropout) -> Array:
+  """Softmax attention of (pre-scaled) queries [B, T, K, G, H] -> [B, T, K, G, H]."""
   logits_BKGTS = jnp.einsum(
     "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
   )
@@ -127,8 +151,7 @@ def xla_attention(
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, big_neg)
   if dropout is not None:
     probs_BKGTS = dropout(jax.nn.softmax(logits_BKGTS, axis=-1))
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
-    return out_BTKGH.reshape(b, t, n, h)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
   # Softmax normalized after the value matmul: T x H divisions instead of T x S, one pass fewer
   # over the scores (the row max is a constant shift: no gradient flows through it).
   top_BKGT1 = jax.lax.stop_gradient(jnp.max(logits_BKGTS, axis=-1, keepdims=True))
@@ -141,7 +164,7 @@ def xla_attention(
     preferred_element_type=jnp.float32,
   )
   out_BTKGH = out_BTKGH / total_BKGT.transpose(0, 3, 1, 2)[..., None]
-  return out_BTKGH.astype(v_BSKH.dtype).reshape(b, t, n, h)
+  return out_BTKGH.astype(v_BSKH.dtype)
 
 
 def quantize_kv(x: Array, head_axis: int) -> tuple[Array, Array]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import reference
 
+from decoderjax import attention
 from decoderjax import model as model_lib
 from decoderjax.attention import xla_attention
 from decoderjax.config import ModelConfig, RopeScaling, get_preset
@@ -175,9 +176,12 @@ def test_dot_product_attention_impl_matches_xla():
   np.testing.assert_allclose(dpa, xla, atol=1e-5)
 
 
-def test_xla_attention_matches_softmax_attention_and_its_gradients():
+@pytest.mark.parametrize("block", [None, 2])
+def test_xla_attention_matches_softmax_attention_and_its_gradients(block, monkeypatch):
   """Softmax normalized after the value matmul equals plain softmax attention, values and
-  gradients, with rows that see nothing (padding)."""
+  gradients, with rows that see nothing (padding); also by causal query blocks (3 of 2 rows)."""
+  if block:
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", block)
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 6, n, 8)), jnp.float32) for n in (4, 2, 2))
   mask = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0).at[1, :2].set(False)
@@ -189,8 +193,9 @@ def test_xla_attention_matches_softmax_attention_and_its_gradients():
     return out.reshape(2, 6, 4, 8)
 
   ours = lambda q, k, v: xla_attention(q, k, v, mask)
-  np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), atol=1e-6)
-  loss = lambda f: lambda *x: jnp.sum(jnp.sin(f(*x)))
+  seen = mask.any(-1)[..., None, None]  # rows that see nothing average whatever keys they get
+  np.testing.assert_allclose(ours(q, k, v) * seen, plain(q, k, v) * seen, atol=1e-6)
+  loss = lambda f: lambda *x: jnp.sum(jnp.sin(f(*x)) * seen)
   grads = (jax.grad(loss(f), (0, 1, 2))(q, k, v) for f in (ours, plain))
   for got, want in zip(*grads, strict=True):
     np.testing.assert_allclose(got, want, atol=1e-5)
