@@ -187,11 +187,12 @@ def fetch(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-# Above this many parameters, `cpu_devices=-1` keeps the CPU as one device. Each data-parallel
-# device repeats the optimizer update and exchanges every gradient, while a large model's
-# matmuls already keep all cores busy inside one device (2-core train steps, one device vs two:
-# GPT-2 124M 5.4 vs 6.2 s, a 51M model 2.25 vs 2.52 s, 10.7M equal, nanoGPT's 0.8M recipe
-# 47 vs 40 ms).
+# From this many trained parameters, `cpu_devices=-1` keeps the CPU as one device. Each
+# data-parallel device repeats the optimizer update and exchanges every gradient, while a large
+# model's matmuls already keep all cores busy inside one device (2-core train steps, one device
+# vs two: GPT-2 124M 5.4 vs 6.2 s, a 51M model 2.25 vs 2.52 s, SmolLM2-135M full fine-tuning
+# 3.3-3.4 vs 3.8-4.0 s, 10.7M even, nanoGPT's 0.8M recipe 47 vs 40 ms; SmolLM2 LoRA, whose
+# 0.5M adapters are all that is updated and exchanged, even).
 CPU_SPLIT_MAX_PARAMS = 20_000_000
 
 
@@ -199,8 +200,9 @@ def split_cpu(cpu_devices: int, batch_sizes=(), num_params: int = 0) -> int:
   """Sets how many devices the CPU backend shows (before JAX starts); returns the count set.
 
   `-1` takes one device per core this process may run on, lowered to the largest count every
-  batch size divides by, for models under CPU_SPLIT_MAX_PARAMS (`num_params`); larger models
-  run as one device. An explicit `--xla_force_host_platform_device_count` wins.
+  batch size divides by, when fewer than CPU_SPLIT_MAX_PARAMS parameters are trained
+  (`num_params`); otherwise one device. An explicit `--xla_force_host_platform_device_count`
+  wins.
   """
   if cpu_devices == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return 0
@@ -212,8 +214,8 @@ def split_cpu(cpu_devices: int, batch_sizes=(), num_params: int = 0) -> int:
 
 
 def devices_per_core(cores: int, batch_sizes=(), num_params: int = 0) -> int:
-  """The most devices, at most one per core, that every batch size divides over; one for a
-  model of CPU_SPLIT_MAX_PARAMS or more."""
+  """The most devices, at most one per core, that every batch size divides over; one when
+  CPU_SPLIT_MAX_PARAMS or more parameters are trained."""
   if num_params >= CPU_SPLIT_MAX_PARAMS:
     return 1
   step = math.gcd(*batch_sizes) if batch_sizes else 1
