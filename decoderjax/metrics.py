@@ -40,8 +40,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, weight_grads: bool = True) -
 
   A frozen base (LoRA, prompt tuning) computes no weight gradients: 4 x instead of 6 x.
   """
-  attention_scores = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_size / 2
-  return (6 if weight_grads else 4) * matmul_params(cfg) + 3 * attention_scores  # causal half
+  h = cfg.head_size
+  attention_scores = 2 * 2 * cfg.num_layers * seq_len * cfg.num_heads * h / 2  # causal half
+  return (6 if weight_grads else 4) * matmul_params(cfg) + 3 * attention_scores
 
 
 @functools.cache
