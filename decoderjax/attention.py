@@ -106,7 +106,7 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg: ModelConfig) -
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-CAUSAL_BLOCK = 128  # xla_attention's query blocks
+CAUSAL_BLOCK_MIN, CAUSAL_BLOCKS_MAX = 64, 8  # xla_attention's query blocks
 
 
 def xla_attention(
@@ -119,16 +119,17 @@ def xla_attention(
 ) -> Array:
   """Reference grouped-query attention in einsums; softmax in float32.
 
-  Self-attention over a whole sequence (T == S, at least two CAUSAL_BLOCKs) runs by blocks of
+  Self-attention over a whole sequence (T == S >= 4 x CAUSAL_BLOCK_MIN) runs by blocks of
   queries, each over the keys up to its end: the mask is causal by slot, so the skipped scores
-  are all masked (at T = 256 a quarter of the score work and memory passes, at 512 3/8). A row
-  that sees nothing (padding) averages the values its block reaches, not all of them.
+  are all masked. Blocks of T / 8 queries, at least 64, skip 3/8 of the score work and memory
+  passes at T = 256 and 7/16 from T = 512 on, with at most 8 copies of the attention to compile.
+  A row that sees nothing (padding) averages the values its block reaches, not all of them.
   """
   b, t, n, h = q_BTNH.shape
   k = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * (h**-0.5)
-  c = CAUSAL_BLOCK
-  if t != k_BSKH.shape[1] or t < 2 * c or t % c or dropout is not None:
+  c = max(CAUSAL_BLOCK_MIN, -(-t // CAUSAL_BLOCKS_MAX))
+  if t != k_BSKH.shape[1] or t < 4 * CAUSAL_BLOCK_MIN or dropout is not None:
     out_BTKGH = _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, softcap, dropout)
   else:
     blocks = [

@@ -176,23 +176,28 @@ def test_dot_product_attention_impl_matches_xla():
   np.testing.assert_allclose(dpa, xla, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", [None, 2])
-def test_xla_attention_matches_softmax_attention_and_its_gradients(block, monkeypatch):
+@pytest.mark.parametrize("blocks", [None, (2, 3)])
+def test_xla_attention_matches_softmax_attention_and_its_gradients(blocks, monkeypatch):
   """Softmax normalized after the value matmul equals plain softmax attention, values and
-  gradients, with rows that see nothing (padding); also by causal query blocks (3 of 2 rows)."""
-  if block:
-    monkeypatch.setattr(attention, "CAUSAL_BLOCK", block)
+  gradients, with rows that see nothing (padding); also by causal query blocks (10 rows: blocks
+  of 4, 4 and 2)."""
+  if blocks:
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK_MIN", blocks[0])
+    monkeypatch.setattr(attention, "CAUSAL_BLOCKS_MAX", blocks[1])
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.standard_normal((2, 6, n, 8)), jnp.float32) for n in (4, 2, 2))
-  mask = jnp.tril(jnp.ones((6, 6), bool))[None].repeat(2, 0).at[1, :2].set(False)
+  t = 10
+  q, k, v = (jnp.asarray(rng.standard_normal((2, t, n, 8)), jnp.float32) for n in (4, 2, 2))
+  mask = jnp.tril(jnp.ones((t, t), bool))[None].repeat(2, 0).at[1, :2].set(False)
 
   def plain(q, k, v):
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(2, 6, 2, 2, 8) / 8**0.5, k)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(2, t, 2, 2, 8) / 8**0.5, k)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(logits, axis=-1), v)
-    return out.reshape(2, 6, 4, 8)
+    return out.reshape(2, t, 4, 8)
 
   ours = lambda q, k, v: xla_attention(q, k, v, mask)
+  jaxpr = str(jax.make_jaxpr(ours)(q, k, v))
+  assert jaxpr.count("dot_general") == (6 if blocks else 2)  # scores and values per block
   seen = mask.any(-1)[..., None, None]  # rows that see nothing average whatever keys they get
   np.testing.assert_allclose(ours(q, k, v) * seen, plain(q, k, v) * seen, atol=1e-6)
   loss = lambda f: lambda *x: jnp.sum(jnp.sin(f(*x)) * seen)
