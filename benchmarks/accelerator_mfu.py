@@ -21,20 +21,6 @@ import time
 from train_throughput import compiled_train_step, peak_rss, time_steps
 
 
-def matmul_peak(size: int, dtype: str) -> float:
-  """Best FLOP/s of square matmuls of `size` and 2x`size` (float32 accumulation)."""
-  import jax
-  import jax.numpy as jnp
-
-  best = 0.0
-  for n in (size, 2 * size):
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-    f(a).block_until_ready()
-    best = max(best, 2 * n**3 / min(time_steps(lambda f=f, a=a: f(a).block_until_ready(), 10)))
-  return best
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="llama-3.2-1b")
@@ -51,7 +37,7 @@ def main():
 
   from decoderjax import sharding
   from decoderjax.config import get_preset
-  from decoderjax.metrics import flops_per_token, peak_flops
+  from decoderjax.metrics import flops_per_token, matmul_flops, peak_flops
 
   cfg = get_preset(
     args.preset, dtype="bfloat16", param_dtype="float32", max_seq_len=args.seq, remat=args.remat
@@ -59,7 +45,9 @@ def main():
   fsdp = jax.device_count() if args.fsdp == -1 else args.fsdp
   mesh = sharding.MeshConfig(data=-1, fsdp=fsdp)
   device = jax.devices()[0]
-  peak = matmul_peak(args.peak_size, "bfloat16") * jax.device_count()
+  # best of square matmuls of side peak_size and twice that
+  sizes = (args.peak_size, 2 * args.peak_size)
+  peak = max(matmul_flops(n, "bfloat16", 10) for n in sizes) * jax.device_count()
   published = peak_flops("bfloat16") if device.platform != "cpu" else None  # per device
   step, compile_s = compiled_train_step(cfg, args.batch, args.seq, mesh)
   first_loss = step()  # warm-up

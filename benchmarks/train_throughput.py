@@ -153,16 +153,13 @@ def run_transformers(shape: dict, steps: int) -> dict:
 
 def ceilings() -> dict:
   """Best float32 matmul rate through XLA and PyTorch, and memory copy bandwidth."""
-  import jax
-  import jax.numpy as jnp
   import numpy as np
   import torch
 
+  from decoderjax.metrics import matmul_flops
+
   n, best = 2048, {}
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best["xla_matmul_flops"] = 2 * n**3 / min(time_steps(lambda: f(a).block_until_ready(), 10))
+  best["xla_matmul_flops"] = matmul_flops(n, repeats=10)
   t = torch.ones(n, n)
   torch.mm(t, t)
   best["torch_matmul_flops"] = 2 * n**3 / min(time_steps(lambda: torch.mm(t, t), 10))

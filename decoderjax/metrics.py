@@ -45,6 +45,19 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, weight_grads: bool = True) -
   return (6 if weight_grads else 4) * matmul_params(cfg) + 3 * attention_scores
 
 
+def matmul_flops(n: int, dtype: str = "float32", repeats: int = 5) -> float:
+  """Best FLOP/s of an [n, n] x [n, n] matmul on the default device (float32 accumulation)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
 @functools.cache
 def peak_flops(dtype: str = "float32") -> float:
   """Per-device peak: the published figure for accelerators, a measured matmul on CPU."""
@@ -52,16 +65,7 @@ def peak_flops(dtype: str = "float32") -> float:
   for name, peak in _PEAKS.items():
     if name.lower() in device.device_kind.lower():
       return peak if dtype != "float32" else peak / 2
-  n = 1024
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+  return matmul_flops(1024)
 
 
 def classification_metrics(predictions_N, labels_N, num_labels: int) -> dict[str, float]:
