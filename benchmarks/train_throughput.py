@@ -109,10 +109,11 @@ def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None):
 
 
 def run_decoderjax(shape: dict, steps: int, scan: bool | None = None) -> dict:
-  from decoderjax import metrics, sharding
+  from decoderjax import hostmem, metrics, sharding
 
   cfg = model_config(shape, scan)
   # as the train binary does, before JAX starts
+  hostmem.keep_freed_memory()
   sharding.split_cpu(-1, (shape["batch"],), metrics.matmul_params(cfg))
   import jax
 

@@ -12,7 +12,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from decoderjax import cli, data, experiment, metrics, modeldir, sharding, tasks, trainer
+from decoderjax import cli, data, experiment, hostmem, metrics, modeldir, sharding, tasks, trainer
 from decoderjax.tokenizer import load_tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
@@ -22,11 +22,20 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run.")
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+  "keep_freed_memory",
+  True,
+  "CPU runs: glibc's malloc keeps freed memory for reuse (one arena, no mmap, no trimming), so "
+  "train steps do not fault their buffers in anew each step (10-20% faster on 2 cores); a "
+  "step's buffers may then be held twice. false leaves malloc as it is.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
+  if _KEEP_FREED_MEMORY.value and hostmem.cpu_only():
+    hostmem.keep_freed_memory()  # before any other thread allocates
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)

@@ -1,0 +1,57 @@
+"""Host memory for CPU runs: the C library's allocator keeps freed memory for reuse.
+
+XLA's CPU runtime allocates each execution's buffers and frees them when it ends. glibc gives
+requests above 32 MB fresh pages from the kernel (mmap) and returns them when they are freed, and
+threads other than the main one allocate from arenas that do the same. So every train step
+faulted in and zeroed all its working memory again: a GPT-2 124M step on 2 cores took 517K page
+faults and about 1 s of kernel time, the baby char model's 147K faults 0.27 s. With one arena,
+no mmap and no trimming, later steps reuse the pages of the first (benchmarks/NOTES.md,
+"Session 8"). The price: memory freed after a peak stays with the process, and a step's buffers
+may be held twice when the next step allocates before the last one frees. The train binary sets
+this on CPU runs (`--keep_freed_memory`); one-shot binaries such as convert leave malloc alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import sys
+
+import jax
+
+# mallopt parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+
+
+def _glibc():
+  """The process's C library if it is glibc (which has mallopt), else None."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl has no mallopt to set)
+  except (OSError, AttributeError):
+    return None
+  return libc
+
+
+def keep_freed_memory() -> bool:
+  """Sets glibc's malloc to keep freed memory for the next request: one arena, no mmap, no
+  trimming. Call it before JAX starts its threads. Returns whether it took effect."""
+  libc = _glibc()
+  if libc is None:
+    return False
+  settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: never trim
+  return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def cpu_only() -> bool:
+  """Whether JAX will run on the CPU: `jax_platforms` starts with cpu, or it is unset and no
+  accelerator plugin (libtpu, a jax_plugins package) is installed. Starts no backend."""
+  platforms = jax.config.jax_platforms
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  if importlib.util.find_spec("libtpu") or importlib.util.find_spec("jax_plugins"):
+    return False
+  return not importlib.metadata.entry_points(group="jax_plugins")
