@@ -24,8 +24,9 @@ import subprocess
 import sys
 import time
 
-SHAPES = {  # name: model and batch (nanoGPT's baby char model and GPT-2 124M, as the issue)
+SHAPES = {  # name: model and batch (nanoGPT's CPU recipe and baby char model, GPT-2 124M)
   "tiny": dict(layers=2, heads=4, width=128, vocab=256, batch=8, seq=64),
+  "recipe": dict(layers=4, heads=4, width=128, vocab=65, batch=12, seq=64),
   "baby": dict(layers=6, heads=6, width=384, vocab=65, batch=8, seq=256),
   "gpt2": dict(layers=12, heads=12, width=768, vocab=50257, batch=2, seq=512),
 }
@@ -207,7 +208,7 @@ def summarize(runs: list[dict], peak: float, flops_per_token: float, tokens: int
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", default="tiny,baby,gpt2")
+  parser.add_argument("--shapes", default="tiny,recipe,baby,gpt2")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
   parser.add_argument("--json", help="write the results here")
