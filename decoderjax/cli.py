@@ -77,18 +77,15 @@ def host_fingerprint() -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def enable_compilation_cache(directory: str | None) -> str | None:
+def enable_compilation_cache(directory: str | None) -> None:
   """Turns on JAX's persistent compilation cache in `directory` (None: the default above;
-  'none': off). Programs that compile in under a second are not stored. Returns the directory."""
+  'none': off). Programs that compile in under a second are not stored."""
   if directory is None:
     directory = jax.config.jax_compilation_cache_dir or corpus.user_cache(
       f"xla-{host_fingerprint()}"
     )
-  if directory.lower() == "none":
-    jax.config.update("jax_compilation_cache_dir", None)
-    return None
-  jax.config.update("jax_compilation_cache_dir", directory)
-  return directory
+  off = directory.lower() == "none"
+  jax.config.update("jax_compilation_cache_dir", None if off else directory)
 
 
 def run(main) -> None:

@@ -1,8 +1,9 @@
 """Host memory for CPU runs: the C library's allocator keeps freed memory for reuse.
 
 XLA's CPU runtime allocates each execution's buffers and frees them when it ends. glibc gives
-requests above 32 MB fresh pages from the kernel (mmap) and returns them when they are freed, and
-threads other than the main one allocate from arenas that do the same. So every train step
+requests above its mmap threshold (128 KB, rising to at most 32 MB) fresh pages from the kernel
+and returns them when they are freed, and threads other than the main one allocate from arenas
+that map any large request the same way. So every train step
 faulted in and zeroed all its working memory again: a GPT-2 124M step on 2 cores took 517K page
 faults and about 1 s of kernel time, the baby char model's 147K faults 0.27 s. With one arena,
 no mmap and no trimming, later steps reuse the pages of the first (benchmarks/NOTES.md,
