@@ -10,13 +10,12 @@ from decoderjax.config import ModelConfig
 from decoderjax.layers import (
   apply_rope,
   constrain,
-  contract,
   dtype_of,
   lora,
   output_init,
   param,
+  projection,
   record_inputs,
-  weight,
 )
 
 Array = jax.Array
@@ -249,8 +248,7 @@ class Attention(nn.Module):
     zeros = nn.initializers.zeros
 
     def project(name, heads, axis):
-      w_DXH = weight(self, name, (d, heads, h), ("embed", axis, "head_dim"))
-      y = contract(x_BTD, w_DXH)  # BTD,DXH->BTXH
+      y = projection(self, name, x_BTD, (d, heads, h), ("embed", axis, "head_dim"))  # BTD,DXH->BTXH
       delta = lora(self, name, x_BTD, (d,), (heads, h), ("embed",), (axis, "head_dim"))
       if delta is not None:
         y += delta
@@ -294,10 +292,10 @@ class Attention(nn.Module):
         q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None], scale=h**-0.5
       )
 
-    o_NHD = weight(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), output_init(cfg))
     out_BTNH = out_BTNH.astype(dtype)
     record_inputs(self, "o", out_BTNH, 2)
-    y_BTD = contract(out_BTNH, o_NHD, 2, 2)  # BTNH,NHD->BTD
+    o_axes = ("q_heads", "head_dim", "embed")
+    y_BTD = projection(self, "o", out_BTNH, (n, h, d), o_axes, 2, output_init(cfg))  # BTNH,NHD->BTD
     delta = lora(self, "o", out_BTNH, (n, h), (d,), ("q_heads", "head_dim"), ("embed",))
     if delta is not None:
       y_BTD += delta

@@ -86,6 +86,9 @@ class ModelConfig:
   # Pruned models (python -m decoderjax.prune): fine-tuning keeps their zero weights at zero.
   pruning: str = "none"  # "none", "unstructured" or "N:M"
   kv_cache: str = "auto"  # one of KV_CACHES: the compute dtype, or int8 with per-slot scales
+  # Projection weights stored [out, in] (model.for_generation sets it for float32 generation on
+  # CPU; never saved):
+  weights_out_in: bool = False
 
   def __post_init__(self):
     def fail(field, message):
@@ -128,6 +131,8 @@ class ModelConfig:
     for field in ("num_labels", "lora_rank", "prompt_tokens"):
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
         fail(field, f"must be a non-negative integer, got {getattr(self, field)!r}")
+    if self.weights_out_in and self.quant != "none":
+      fail("weights_out_in", f"applies to float weights, not quant={self.quant!r}")
     if self.num_labels == 1:
       fail("num_labels", "a classifier needs at least 2 labels")
     if not 0.0 <= self.lora_dropout < 1.0:

@@ -85,6 +85,44 @@ def weight(module: nn.Module, name: str, shape, axes, init=None) -> Array:
   return materialize(module.config, name, stored(module, name, shape, axes, init), shape)
 
 
+# Matmuls of few rows (decoding) run fastest on XLA CPU weight-first, w [O, I] @ x^T [I, R] then
+# transposed: at 2-8 rows the kernels read a weight stored [out, in] that way at 13-24 GB/s,
+# against 11-16 for x @ w [I, O] and 9-15 for x @ w^T; at 1 row x @ w^T falls to 3 GB/s. From
+# some hundreds of rows x @ w^T is as fast as x @ w (benchmarks/NOTES.md, session 9).
+WEIGHT_FIRST_MAX_ROWS = 128
+
+
+def contract_out_in(x: Array, w: Array, x_axes: int = 1) -> Array:
+  """Contracts the last `x_axes` dims of x with the last `x_axes` dims of w, a weight stored
+  [*out, *in] as PyTorch stores a Linear (or a tied embedding table [V, D]) -> [..., *out].
+
+  Few rows contract weight-first; optimization barriers keep XLA's simplifier from folding the
+  transposes back into the slower x @ w^T form.
+  """
+  k = math.prod(x.shape[x.ndim - x_axes :])
+  lead, out = x.shape[: x.ndim - x_axes], w.shape[: w.ndim - x_axes]
+  x_RK, w_OK = x.reshape(-1, k), w.reshape(-1, k)
+  if x_RK.shape[0] <= WEIGHT_FIRST_MAX_ROWS:
+    barrier = jax.lax.optimization_barrier
+    y_RO = barrier(w_OK @ barrier(x_RK.T)).T
+  else:
+    y_RO = x_RK @ w_OK.T
+  return y_RO.reshape(*lead, *out)
+
+
+def projection(module: nn.Module, name: str, x: Array, shape, axes, in_dims: int = 1, init=None):
+  """x [..., *in] times the matmul weight `name` of `shape` (*in, *out) -> [..., *out].
+
+  With `weights_out_in` (generation on CPU, model.for_generation) the weight is stored
+  transposed, [*out, *in], and contracted by contract_out_in.
+  """
+  if not module.config.weights_out_in:
+    return contract(x, weight(module, name, shape, axes, init), in_dims, in_dims)
+  perm = (*range(in_dims, len(shape)), *range(in_dims))
+  w = weight(module, name, tuple(shape[i] for i in perm), tuple(axes[i] for i in perm), init)
+  return contract_out_in(x, w, in_dims)
+
+
 def contract(x: Array, w: Array, x_axes: int = 1, w_axes: int = 1) -> Array:
   """Contracts the last `x_axes` dims of x with the first `w_axes` dims of w.
 
@@ -214,14 +252,14 @@ class Mlp(nn.Module):
     d, f = cfg.embed_dim, cfg.mlp_dim
     x_BTD = x_BTD.astype(dtype)
 
-    def project(name, x, w, in_axis, out_axis):  # x @ w, plus its LoRA update if adapted
-      y = contract(x, w)
-      delta = lora(self, name, x, w.shape[:1], w.shape[1:], (in_axis,), (out_axis,))
+    def project(name, x, shape, in_axis, out_axis):  # x @ w, plus its LoRA update if adapted
+      init = output_init(cfg) if name == "down" else None
+      y = projection(self, name, x, shape, (in_axis, out_axis), init=init)
+      delta = lora(self, name, x, shape[:1], shape[1:], (in_axis,), (out_axis,))
       return y if delta is None else y + delta
 
     record_inputs(self, "in", x_BTD)  # of up and gate
-    up_DF = weight(self, "up", (d, f), ("embed", "mlp"))
-    h_BTF = project("up", x_BTD, up_DF, "embed", "mlp")  # BTD,DF->BTF
+    h_BTF = project("up", x_BTD, (d, f), "embed", "mlp")  # BTD,DF->BTF
     if cfg.use_bias:
       h_BTF += param(self, "up_bias", (f,), ("mlp",), nn.initializers.zeros).astype(dtype)[
         None, None
@@ -229,14 +267,12 @@ class Mlp(nn.Module):
     if cfg.mlp == "gelu":
       h_BTF = nn.gelu(h_BTF, approximate=True)
     else:
-      gate_DF = weight(self, "gate", (d, f), ("embed", "mlp"))
-      g_BTF = project("gate", x_BTD, gate_DF, "embed", "mlp")  # BTD,DF->BTF
+      g_BTF = project("gate", x_BTD, (d, f), "embed", "mlp")  # BTD,DF->BTF
       act = nn.silu if cfg.mlp == "swiglu" else lambda g: nn.gelu(g, approximate=True)
       h_BTF = act(g_BTF) * h_BTF
     h_BTF = constrain(h_BTF, ("activation_batch", "activation_length", "activation_mlp"))
     record_inputs(self, "down", h_BTF)
-    down_FD = weight(self, "down", (f, d), ("mlp", "embed"), output_init(cfg))
-    y_BTD = project("down", h_BTF, down_FD, "mlp", "embed")  # BTF,FD->BTD
+    y_BTD = project("down", h_BTF, (f, d), "mlp", "embed")  # BTF,FD->BTD
     if cfg.use_bias:
       y_BTD += param(self, "down_bias", (d,), ("embed",), nn.initializers.zeros).astype(dtype)[
         None, None

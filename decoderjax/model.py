@@ -15,6 +15,7 @@ from decoderjax.layers import (
   Mlp,
   Norm,
   constrain,
+  contract_out_in,
   dtype_of,
   materialize,
   param,
@@ -30,6 +31,11 @@ Array = jax.Array
 # one thread at a time, and a scan copies every layer's weights out of the stacked arrays. GPU
 # conditionals read their branch index on the host, so accelerators keep the unrolled graph.
 SWITCH_LAYERS_BACKENDS = ("cpu",)
+# Where float32 generation contracts few rows weight-first (layers.contract_out_in), with
+# projection weights stored [out, in] (`for_generation`): XLA CPU's kernels read them faster so.
+OUT_IN_BACKENDS = ("cpu",)
+# Projection weights of a layer and their input dims, as layers.projection declares them.
+PROJECTIONS = {"q": 1, "k": 1, "v": 1, "o": 2, "up": 1, "gate": 1, "down": 1}
 
 REMAT_POLICIES = {
   "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -362,9 +368,12 @@ class Decoder(nn.Module):
       return logits_BTC + bias_C.astype(jnp.float32)[None, None], new_cache
     if cfg.tie_embeddings:  # contracted as stored: a transposed copy of the table costs a step
       embedding_VD = materialize(cfg, "embedding", embedding, table_shape)
-      logits_BTV = jnp.einsum(
-        "BTD,VD->BTV", x_BTD, embedding_VD, preferred_element_type=jnp.float32
-      )
+      if cache is not None and _out_in_applies(cfg):  # generation: few rows
+        logits_BTV = contract_out_in(x_BTD, embedding_VD).astype(jnp.float32)
+      else:
+        logits_BTV = jnp.einsum(
+          "BTD,VD->BTV", x_BTD, embedding_VD, preferred_element_type=jnp.float32
+        )
     else:
       head_DV = weight(self, "head", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"))
       logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV, preferred_element_type=jnp.float32)
@@ -426,16 +435,46 @@ def unstack_layers(params: dict, num_layers: int, consume: bool = False) -> dict
 
 
 def for_generation(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
-  """(params, config) in the layout generation reads fastest: one array per layer.
+  """(params, config) in the layout generation reads fastest: one array per layer and, for
+  float32 on CPU, projection weights stored [out, in] (`weights_out_in`).
 
   Decoding a scanned model slices each layer's weights out of the stacked arrays at every step,
   which XLA CPU does by copying them (87 of 148 thread-ms of a SmolLM2 batch-8 decode step);
   MaxText likewise decodes from unscanned checkpoints. The price on CPU is compile time (one
   compiled body per layer, `switched_layers`). Consumes `params` when it converts them.
   """
-  if not cfg.scan_layers:
+  if cfg.scan_layers:
+    params = unstack_layers(params, cfg.num_layers, consume=True)
+    cfg = cfg.replace(scan_layers=False)
+  if cfg.weights_out_in or cfg.quant != "none" or not _out_in_applies(cfg):
     return params, cfg
-  return unstack_layers(params, cfg.num_layers, consume=True), cfg.replace(scan_layers=False)
+  return transpose_projections(params, cfg.num_layers), cfg.replace(weights_out_in=True)
+
+
+def _out_in_applies(cfg: ModelConfig) -> bool:
+  """Weight-first contraction helps float32 matmuls (quantized weights dequantize to float32);
+  bfloat16 decoding measured no faster with it."""
+  return jax.default_backend() in OUT_IN_BACKENDS and cfg.dtype == "float32"
+
+
+def transpose_projections(params: dict, num_layers: int) -> dict:
+  """Per-layer params with each projection weight [*in, *out] moved to [*out, *in], each
+  stored array deleted once its transpose is made (the peak is the weights plus one)."""
+  params = dict(params)
+  for i in range(num_layers):
+
+    def move(path, w):
+      name = path[-1].key
+      if name not in PROJECTIONS:
+        return w
+      n = PROJECTIONS[name]
+      moved = jnp.transpose(w, (*range(n, w.ndim), *range(n))).block_until_ready()
+      if isinstance(w, jax.Array):
+        w.delete()
+      return moved
+
+    params[f"layers_{i}"] = jax.tree_util.tree_map_with_path(move, params[f"layers_{i}"])
+  return params
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:

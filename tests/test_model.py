@@ -13,7 +13,7 @@ from decoderjax import attention
 from decoderjax import model as model_lib
 from decoderjax.attention import xla_attention
 from decoderjax.config import ModelConfig, RopeScaling, get_preset
-from decoderjax.layers import rope_frequencies
+from decoderjax.layers import WEIGHT_FIRST_MAX_ROWS, contract_out_in, rope_frequencies
 from decoderjax.model import Decoder, count_params, init_cache, stack_layers, unstack_layers
 
 VARIANTS = {
@@ -130,6 +130,14 @@ def test_generation_layouts_decode_alike(monkeypatch, kv_cache):
   copy = jax.tree.map(jnp.array, params)
   per_layer, per_layer_cfg = model_lib.for_generation(copy, cfg)
   assert not per_layer_cfg.scan_layers and "layers_1" in per_layer
+  assert per_layer_cfg.weights_out_in  # on CPU, projections stored [out, in]
+  n, h, d = cfg.num_heads, cfg.head_size, cfg.embed_dim
+  assert per_layer["layers_1"]["attn"]["q"].shape == (n, h, d)
+  assert per_layer["layers_1"]["attn"]["o"].shape == (d, n, h)
+  assert per_layer["layers_1"]["mlp"]["down"].shape == (d, cfg.mlp_dim)
+  np.testing.assert_array_equal(
+    per_layer["layers_1"]["mlp"]["up"], np.asarray(params["layers"]["mlp"]["up"][1]).T
+  )
   assert all(x.is_deleted() for x in jax.tree.leaves(copy["layers"]))  # consumed as it went
   got = {"switch": _decode(per_layer_cfg, per_layer, toks)}
   with pytest.raises(ValueError, match="per-layer KVCache for a model with scan_layers=True"):
@@ -141,6 +149,28 @@ def test_generation_layouts_decode_alike(monkeypatch, kv_cache):
     assert cache.per_layer and len(cache.k) == cfg.num_layers
     for a, b in zip(jax.tree.leaves(cache.stacked()), jax.tree.leaves(want_cache), strict=True):
       np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 8, WEIGHT_FIRST_MAX_ROWS + 1])
+def test_contract_out_in_matches_matmul(rows):
+  """Weight-first (few rows) and x @ w^T (many) both equal the plain product, over one and over
+  two contracted dims."""
+  rng = np.random.default_rng(rows)
+  x = rng.standard_normal((rows, 1, 3, 8), np.float32)
+  w = rng.standard_normal((5, 3, 8), np.float32)  # [out, *in]
+  got = jax.jit(contract_out_in, static_argnums=2)(x, w, 2)
+  np.testing.assert_allclose(got, np.einsum("btnh,onh->bto", x, w), rtol=1e-5, atol=1e-5)
+  got = contract_out_in(x[..., 0, :], w[:, 0])
+  np.testing.assert_allclose(got, x[..., 0, :] @ w[:, 0].T, rtol=1e-5, atol=1e-5)
+
+
+def test_out_in_weights_are_for_float32_generation_only():
+  cfg = VARIANTS["llama-gqa"].replace(scan_layers=False)
+  quantized, bf16 = cfg.replace(quant="int8"), cfg.replace(dtype="bfloat16")
+  assert not model_lib.for_generation({}, quantized)[1].weights_out_in
+  assert not model_lib.for_generation({}, bf16)[1].weights_out_in
+  with pytest.raises(ValueError, match="weights_out_in: applies to float weights"):
+    quantized.replace(weights_out_in=True)
 
 
 def test_scan_equals_unrolled_and_remat_equals_plain():
