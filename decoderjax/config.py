@@ -87,7 +87,7 @@ class ModelConfig:
   pruning: str = "none"  # "none", "unstructured" or "N:M"
   kv_cache: str = "auto"  # one of KV_CACHES: the compute dtype, or int8 with per-slot scales
   # Projection weights stored [out, in] (model.for_generation sets it for float32 generation on
-  # CPU; never saved):
+  # CPU; never written by to_dict):
   weights_out_in: bool = False
 
   def __post_init__(self):
@@ -169,7 +169,13 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The fields a model directory or experiment records. `weights_out_in` describes weights
+    as laid out in memory for generation, not the model, and is never written."""
+    if self.weights_out_in:
+      raise ValueError("a config with weights_out_in=True describes transposed generation weights")
+    values = dataclasses.asdict(self)
+    del values["weights_out_in"]
+    return values
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> ModelConfig:

@@ -56,3 +56,11 @@ def cpu_only() -> bool:
   if importlib.util.find_spec("libtpu") or importlib.util.find_spec("jax_plugins"):
     return False
   return not importlib.metadata.entry_points(group="jax_plugins")
+
+
+def release_freed_memory() -> bool:
+  """Returns the C heap's free pages to the kernel (glibc's malloc_trim), e.g. after many
+  arrays were replaced one by one: their memory, freed in small pieces, otherwise stays
+  resident. True where glibc did so."""
+  libc = _glibc()
+  return bool(libc and libc.malloc_trim(0))

@@ -87,22 +87,26 @@ def weight(module: nn.Module, name: str, shape, axes, init=None) -> Array:
 
 # Matmuls of few rows (decoding) run fastest on XLA CPU weight-first, w [O, I] @ x^T [I, R] then
 # transposed: at 2-8 rows the kernels read a weight stored [out, in] that way at 13-24 GB/s,
-# against 11-16 for x @ w [I, O] and 9-15 for x @ w^T; at 1 row x @ w^T falls to 3 GB/s. From
-# some hundreds of rows x @ w^T is as fast as x @ w (benchmarks/NOTES.md, session 9).
-WEIGHT_FIRST_MAX_ROWS = 128
+# against 11-16 for x @ w [I, O] and 9-15 for x @ w^T; at 1 row x @ w^T falls to 3 GB/s. Up to
+# 512 rows weight-first is within a few percent of x @ w; x @ w^T is as fast there but its first
+# call on a weight costs about 0.35 ms per MB more. At 1,024 rows x @ w^T is the faster
+# (benchmarks/NOTES.md, session 9).
+WEIGHT_FIRST_MAX_ROWS = 512
 
 
-def contract_out_in(x: Array, w: Array, x_axes: int = 1) -> Array:
+def contract_out_in(
+  x: Array, w: Array, x_axes: int = 1, max_rows: int = WEIGHT_FIRST_MAX_ROWS
+) -> Array:
   """Contracts the last `x_axes` dims of x with the last `x_axes` dims of w, a weight stored
   [*out, *in] as PyTorch stores a Linear (or a tied embedding table [V, D]) -> [..., *out].
 
-  Few rows contract weight-first; optimization barriers keep XLA's simplifier from folding the
-  transposes back into the slower x @ w^T form.
+  Up to `max_rows` rows contract weight-first; optimization barriers keep XLA's simplifier from
+  folding the transposes back into the x @ w^T form that more rows use.
   """
   k = math.prod(x.shape[x.ndim - x_axes :])
   lead, out = x.shape[: x.ndim - x_axes], w.shape[: w.ndim - x_axes]
   x_RK, w_OK = x.reshape(-1, k), w.reshape(-1, k)
-  if x_RK.shape[0] <= WEIGHT_FIRST_MAX_ROWS:
+  if x_RK.shape[0] <= max_rows:
     barrier = jax.lax.optimization_barrier
     y_RO = barrier(w_OK @ barrier(x_RK.T)).T
   else:

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from decoderjax import hostmem
 from decoderjax.attention import Attention, attention_mask, resolve_impl
 from decoderjax.config import ModelConfig
 from decoderjax.layers import (
@@ -368,8 +369,9 @@ class Decoder(nn.Module):
       return logits_BTC + bias_C.astype(jnp.float32)[None, None], new_cache
     if cfg.tie_embeddings:  # contracted as stored: a transposed copy of the table costs a step
       embedding_VD = materialize(cfg, "embedding", embedding, table_shape)
-      if cache is not None and _out_in_applies(cfg):  # generation: few rows
-        logits_BTV = contract_out_in(x_BTD, embedding_VD).astype(jnp.float32)
+      if cache is not None and _out_in_applies(cfg):  # the table is stored [out, in] already
+        # weight-first up to 128 rows, where it stops gaining on a table this wide
+        logits_BTV = contract_out_in(x_BTD, embedding_VD, max_rows=128).astype(jnp.float32)
       else:
         logits_BTV = jnp.einsum(
           "BTD,VD->BTV", x_BTD, embedding_VD, preferred_element_type=jnp.float32
@@ -448,7 +450,9 @@ def for_generation(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     cfg = cfg.replace(scan_layers=False)
   if cfg.weights_out_in or cfg.quant != "none" or not _out_in_applies(cfg):
     return params, cfg
-  return transpose_projections(params, cfg.num_layers), cfg.replace(weights_out_in=True)
+  params = transpose_projections(params, cfg.num_layers)
+  hostmem.release_freed_memory()  # the originals, freed piecemeal, would stay resident
+  return params, cfg.replace(weights_out_in=True)
 
 
 def _out_in_applies(cfg: ModelConfig) -> bool:

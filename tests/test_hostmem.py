@@ -62,3 +62,32 @@ def test_cpu_only_follows_jax_platforms(platforms, expected):
     [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
   ).stdout
   assert out.split()[-1] == str(expected)
+
+
+# Fills 1,600 heap blocks of 64 KB (below glibc's mmap threshold), frees all but the last (which
+# pins the heap's top, so free() alone cannot give the rest back) and prints resident MB before
+# and after release_freed_memory.
+RELEASE = """
+import ctypes, os
+from decoderjax import hostmem
+libc, size = ctypes.CDLL(None), 64 << 10
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def resident_mb():
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+blocks = [libc.malloc(size) for _ in range(1600)]
+for b in blocks:
+  ctypes.memset(b, 1, size)
+for b in blocks[:-1]:
+  libc.free(b)
+before = resident_mb()
+assert hostmem.release_freed_memory()
+print(before, resident_mb())
+"""
+
+
+def test_release_freed_memory_returns_pages_to_the_kernel():
+  out = subprocess.run([sys.executable, "-c", RELEASE], check=True, capture_output=True, text=True)
+  before, after = map(float, out.stdout.split()[-2:])
+  assert before - after > 80  # of the 100 MB freed

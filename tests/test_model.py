@@ -171,6 +171,9 @@ def test_out_in_weights_are_for_float32_generation_only():
   assert not model_lib.for_generation({}, bf16)[1].weights_out_in
   with pytest.raises(ValueError, match="weights_out_in: applies to float weights"):
     quantized.replace(weights_out_in=True)
+  assert "weights_out_in" not in cfg.to_dict()  # model directories stay readable by older versions
+  with pytest.raises(ValueError, match="transposed generation weights"):
+    cfg.replace(weights_out_in=True).to_dict()
 
 
 def test_scan_equals_unrolled_and_remat_equals_plain():
