@@ -34,8 +34,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  if _KEEP_FREED_MEMORY.value and hostmem.cpu_only():
-    hostmem.keep_freed_memory()  # before any other thread allocates
+  # before any other thread allocates
+  if _KEEP_FREED_MEMORY.value and hostmem.cpu_only() and hostmem.keep_freed_memory():
+    print("host memory: freed buffers kept for reuse (--keep_freed_memory)", flush=True)
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
