@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from decoderjax import hostmem
+from decoderjax import hostmem, quant
 from decoderjax.attention import Attention, attention_mask, resolve_impl
 from decoderjax.config import ModelConfig
 from decoderjax.layers import (
@@ -35,8 +35,6 @@ SWITCH_LAYERS_BACKENDS = ("cpu",)
 # Where float32 generation contracts few rows weight-first (layers.contract_out_in), with
 # projection weights stored [out, in] (`for_generation`): XLA CPU's kernels read them faster so.
 OUT_IN_BACKENDS = ("cpu",)
-# Projection weights of a layer and their input dims, as layers.projection declares them.
-PROJECTIONS = {"q": 1, "k": 1, "v": 1, "o": 2, "up": 1, "gate": 1, "down": 1}
 
 REMAT_POLICIES = {
   "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -467,11 +465,11 @@ def transpose_projections(params: dict, num_layers: int) -> dict:
   params = dict(params)
   for i in range(num_layers):
 
-    def move(path, w):
-      name = path[-1].key
-      if name not in PROJECTIONS:
+    def move(path, w):  # quant.QUANTIZED names every projection, with the dims after its inputs
+      keep = quant.QUANTIZED.get(path[-1].key)
+      if keep is None:
         return w
-      n = PROJECTIONS[name]
+      n = quant.input_dims(w.ndim, keep)[1]  # inputs lead: [*in, *out]
       moved = jnp.transpose(w, (*range(n, w.ndim), *range(n))).block_until_ready()
       if isinstance(w, jax.Array):
         w.delete()
