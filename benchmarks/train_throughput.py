@@ -4,9 +4,12 @@
   python benchmarks/train_throughput.py --shapes=tiny,baby --repeats=3 --steps=20
 
 For each shape, full train steps (forward, backward, AdamW) of decoderjax's GPT-2-shaped model
-(as the train binary runs it: the CPU split into one JAX device per core, data parallel) and of
-transformers' GPT2LMHeadModel with torch.optim.AdamW, each in its own process (so peak resident
-memory is per run). Reports tokens/s (median of the repeats, with min-max), compile time, MFU
+(as the train binary runs it: `mesh.cpu_devices=-1` splits the CPU into one JAX device per core
+for models under 20M parameters, data parallel) and of transformers' GPT2LMHeadModel with
+torch.optim.AdamW, each in its own process (so peak resident memory is per run), the two
+frameworks alternating run by run so that a shared machine's drift hits both. Reports tokens/s
+(median of the repeats, with min-max), the speedup (median of each back-to-back pair's
+ratio, with min-max), compile time, MFU
 (model FLOPs per token x tokens/s over the measured matmul peak), peak RSS, and the machine's
 ceilings: the best float32 matmul rate through XLA and through PyTorch, and memory copy
 bandwidth. Random token batches: throughput does not depend on the data.
@@ -233,15 +236,21 @@ def main():
     shape = SHAPES[name]
     tokens = shape["batch"] * shape["seq"]
     fpt = flops_per_token(model_config(shape), shape["seq"])
+    peaks = {"decoderjax": limits["xla_matmul_flops"], "transformers": limits["torch_matmul_flops"]}
+    runs = {framework: [] for framework in peaks}
+    for repeat in range(args.repeats):  # pairs, alternating who runs first: drift hits both
+      for framework in list(peaks)[:: 1 if repeat % 2 == 0 else -1]:
+        runs[framework].append(measure(framework, name, args.steps, args.layers))
     per = {}
-    for framework, peak in (
-      ("decoderjax", limits["xla_matmul_flops"]),
-      ("transformers", limits["torch_matmul_flops"]),
-    ):
-      runs = [measure(framework, name, args.steps, args.layers) for _ in range(args.repeats)]
-      per[framework] = summarize(runs, peak, fpt, tokens)
+    for framework, peak in peaks.items():
+      per[framework] = summarize(runs[framework], peak, fpt, tokens)
       print(f"{name} {framework}: {per[framework]}", flush=True)
-    per["speedup"] = per["decoderjax"]["tokens_per_s"] / per["transformers"]["tokens_per_s"]
+    ratios = [
+      statistics.median(theirs["step_s"]) / statistics.median(ours["step_s"])
+      for ours, theirs in zip(runs["decoderjax"], runs["transformers"], strict=True)
+    ]
+    per["speedup"] = statistics.median(ratios)  # of each pair's ratio
+    per["speedup_min"], per["speedup_max"] = min(ratios), max(ratios)
     results[name] = {"shape": shape, "flops_per_token": fpt, **per}
     rows.append((name, shape, per))
 
@@ -250,7 +259,8 @@ def main():
     f"{limits['xla_matmul_flops'] / 1e9:.0f} GFLOP/s (XLA), "
     f"{limits['torch_matmul_flops'] / 1e9:.0f} GFLOP/s (PyTorch); copy bandwidth "
     f"{limits['copy_bytes_per_s'] / 1e9:.1f} GB/s. Medians of {args.repeats} runs "
-    f"({args.steps} steps each), min-max in brackets.",
+    f"({args.steps} steps each), min-max in brackets; the speedup is the median of each "
+    "back-to-back pair's ratio.",
     "",
     "| shape | batch x seq | decoderjax tokens/s | transformers tokens/s | speedup | "
     "MFU ours / theirs | compile s | peak RSS GiB ours / theirs |",
@@ -262,7 +272,8 @@ def main():
       f"| {name} | {shape['batch']} x {shape['seq']} | {ours['tokens_per_s']:,.0f} "
       f"({ours['tokens_per_s_min']:,.0f}-{ours['tokens_per_s_max']:,.0f}) | "
       f"{theirs['tokens_per_s']:,.0f} ({theirs['tokens_per_s_min']:,.0f}-"
-      f"{theirs['tokens_per_s_max']:,.0f}) | {per['speedup']:.2f}x | "
+      f"{theirs['tokens_per_s_max']:,.0f}) | {per['speedup']:.2f}x ({per['speedup_min']:.2f}-"
+      f"{per['speedup_max']:.2f}) | "
       f"{ours['mfu']:.0%} / {theirs['mfu']:.0%} | {ours['compile_s']:.1f} | "
       f"{ours['peak_rss_gib']:.2f} / {theirs['peak_rss_gib']:.2f} |"
     )

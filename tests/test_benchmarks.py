@@ -1,4 +1,5 @@
-"""The accelerator MFU benchmark runs end to end (on CPU, with a tiny preset)."""
+"""Benchmarks that run in CI: the accelerator MFU script with a tiny preset on CPU, and the
+matmul-chain script's FLOP count and run."""
 
 import json
 import os
@@ -6,6 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
+
+from decoderjax import metrics
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
 
@@ -21,3 +24,24 @@ def test_accelerator_mfu_runs_a_tiny_preset(tmp_path):
   assert 0 < result["mfu_measured_peak"] < 1
   first, last = result["loss_first_last"]
   assert np.isfinite(first) and last < first  # AdamW steps moved the weights downhill
+
+
+def test_matmul_chain_counts_the_step_projection_flops_and_runs():
+  sys.path.insert(0, BENCHMARKS)
+  import matmul_chain
+  import train_throughput
+
+  shape = train_throughput.SHAPES["recipe"]
+  cfg = train_throughput.model_config(shape)
+  rows = shape["batch"] * shape["seq"]
+  flops = matmul_chain.step_products(rows, cfg.embed_dim, cfg.num_layers)[3]
+  head = cfg.embed_dim * cfg.vocab_size
+  assert flops == 6 * rows * (metrics.matmul_params(cfg) - head)  # forward, dX and dW
+
+  command = [sys.executable, "matmul_chain.py", "--rows=32", "--width=16", "--layers=1",
+             "--chain_depth=2", "--repeats=1", "--no_torch"]  # fmt: skip
+  out = subprocess.run(command, cwd=BENCHMARKS, check=True, capture_output=True, text=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["step_gflop"] == 3 * 2 * 32 * (16 * 48 + 16 * 16 + 2 * 16 * 64) / 1e9
+  runs = [k for k in result if k != "step_gflop"]
+  assert len(runs) == 4 and all(result[k]["gflops"] > 0 for k in runs)
