@@ -5,7 +5,7 @@
 
 For each shape, full train steps (forward, backward, AdamW) of decoderjax's GPT-2-shaped model
 (as the train binary runs it: `mesh.cpu_devices=-1` splits the CPU into one JAX device per core
-for models under 20M parameters, data parallel) and of transformers' GPT2LMHeadModel with
+for models under 20M matmul parameters, data parallel) and of transformers' GPT2LMHeadModel with
 torch.optim.AdamW, each in its own process (so peak resident memory is per run), the two
 frameworks alternating run by run so that a shared machine's drift hits both. Reports tokens/s
 (median of the repeats, with min-max), the speedup (median of each back-to-back pair's

@@ -26,8 +26,8 @@ def test_accelerator_mfu_runs_a_tiny_preset(tmp_path):
   assert np.isfinite(first) and last < first  # AdamW steps moved the weights downhill
 
 
-def test_matmul_chain_counts_the_step_projection_flops_and_runs():
-  sys.path.insert(0, BENCHMARKS)
+def test_matmul_chain_counts_the_step_projection_flops_and_runs(monkeypatch):
+  monkeypatch.syspath_prepend(BENCHMARKS)
   import matmul_chain
   import train_throughput
 
