@@ -1,7 +1,6 @@
 """decoderjax: decoder-only language models in JAX/Flax."""
 
-from decoderjax.config import PRESETS, ModelConfig, RopeScaling, get_preset
-from decoderjax.model import Decoder, KVCache, init_cache
+import importlib
 
 __version__ = "0.1.0"
 __all__ = [
@@ -13,3 +12,12 @@ __all__ = [
   "get_preset",
   "init_cache",
 ]
+_HOMES = {"Decoder": "model", "KVCache": "model", "init_cache": "model"}
+
+
+def __getattr__(name):
+  """The top-level names, imported on first use: `decoderjax.prepare` and its worker processes
+  never load JAX."""
+  if name not in __all__:
+    raise AttributeError(f"module 'decoderjax' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"decoderjax.{_HOMES.get(name, 'config')}"), name)

@@ -7,11 +7,10 @@ import hashlib
 import platform
 import sys
 
-import jax
 from absl import app, flags, logging
 
 from decoderjax import corpus
-from decoderjax.trainer import TrainingError
+from decoderjax.errors import TrainingError
 
 _COMPILATION_CACHE = flags.DEFINE_string(
   "compilation_cache",
@@ -80,6 +79,8 @@ def host_fingerprint() -> str:
 def enable_compilation_cache(directory: str | None) -> None:
   """Turns on JAX's persistent compilation cache in `directory` (None: the default above;
   'none': off). Programs that compile in under a second are not stored."""
+  import jax  # here, not at the top: binaries that never compile (prepare) never load JAX
+
   if directory is None:
     directory = jax.config.jax_compilation_cache_dir or corpus.user_cache(
       f"xla-{host_fingerprint()}"
@@ -88,12 +89,16 @@ def enable_compilation_cache(directory: str | None) -> None:
   jax.config.update("jax_compilation_cache_dir", None if off else directory)
 
 
-def run(main) -> None:
-  """absl's app.run, with user-fixable errors printed as `error: ...` and exit status 1."""
+def run(main, compiles: bool = True) -> None:
+  """absl's app.run, with user-fixable errors printed as `error: ...` and exit status 1.
+  `compiles`: the binary runs JAX programs (its compilation cache is set up)."""
 
   def guarded(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter off; --verbosity=0 on
-    enable_compilation_cache(_COMPILATION_CACHE.value)
+    if compiles:
+      enable_compilation_cache(_COMPILATION_CACHE.value)
+    elif _COMPILATION_CACHE.value is not None:
+      _fail("--compilation_cache: this binary compiles nothing")
     try:
       return main(argv)
     except USER_ERRORS as e:

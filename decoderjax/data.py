@@ -1,32 +1,37 @@
-"""Input pipeline: text sources -> tokens (cached) -> packed fixed-length batches.
+"""Input pipeline: corpora -> prepared token shards -> packed fixed-length batches.
 
-Documents are tokenized once, joined with EOS into one stream (cached as .npy), split into
-train and validation, and cut into windows of `seq_len + 1` tokens. Each window carries segment
-ids (one per document) and positions that restart per document, so packed documents never see
-each other. The batch of step `s` is a pure function of (seed, s): resuming from a checkpoint's
-step resumes the input pipeline exactly, with no iterator state to lose.
+Every language-modelling source is prepared once into token shards on disk (preparation.py):
+`prepared` names directories made by `python -m decoderjax.prepare`; `default`, `text`, `jsonl`
+and `tfds` are prepared into the workdir's cache on first use. Training reads windows of
+`seq_len + 1` tokens by offset from the shards, so no corpus is ever held in memory. Each window
+carries segment ids (one per document) and positions that restart per document, so packed
+documents never see each other. The batch of step `s` is a pure function of (seed, s), computed
+in O(batch) through a stateless permutation of each epoch's windows: resuming from a
+checkpoint's step resumes the input pipeline exactly, with no iterator state to lose.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
-import hashlib
-import json
 import os
 
 import numpy as np
 
-from decoderjax import corpus
-from decoderjax.tokenizer import Tokenizer, build_tokenizer
+from decoderjax import corpus, preparation, shards
+from decoderjax.permutation import Permutation
+from decoderjax.tokenizer import Tokenizer, load_tokenizer
+
+SOURCES = ("default", "text", "jsonl", "tfds", "prepared")
+SPM_KINDS = ("sentencepiece", "spm_bpe", "spm_unigram")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "default"  # default (embedded Shakespeare), text, jsonl, tfds
-  path: str = ""  # file or glob for text / jsonl sources
+  source: str = "default"  # one of SOURCES: the embedded Shakespeare, files, TFDS, prepared DIRs
+  path: str = ""  # text / jsonl: files or globs (comma-separated); prepared: a prepared DIR
   eval_path: str = ""  # separate validation data; empty means split off val_fraction
+  mixture: str = ""  # prepared: weighted DIRs instead of path, e.g. "DIR_A:0.7,DIR_B:0.3"
   text_field: str = "text"  # JSONL field holding the document
   tfds_name: str = ""  # e.g. "lm1b" or "tiny_shakespeare"
   tfds_split: str = "train"
@@ -53,49 +58,57 @@ class DataConfig:
   span_length: int = 3  # mean length of masked spans
 
 
-def _read_files(pattern: str, field: str) -> list[str]:
-  paths = sorted(glob.glob(os.path.expanduser(pattern)))
-  if not paths:
-    raise FileNotFoundError(f"data.path: no file matches {pattern!r}")
-  docs = []
-  for path in paths:
-    with open(path, encoding="utf-8") as f:
-      if path.endswith((".jsonl", ".json")) or field != "text" and not path.endswith(".txt"):
-        for n, line in enumerate(f, 1):
-          if line.strip():
-            record = json.loads(line)
-            if field not in record:
-              raise ValueError(f"{path}:{n}: JSON record has no field {field!r}")
-            docs.append(str(record[field]))
-      else:
-        docs.append(f.read())
-  if not any(d.strip() for d in docs):
-    raise ValueError(f"data.path: {pattern!r} holds no text")
-  return docs
+def check_inputs(cfg: DataConfig) -> None:
+  """Refuses a field the source will not read (it would be silently ignored otherwise)."""
+  if cfg.source not in SOURCES:
+    raise ValueError(f"data.source: unknown source {cfg.source!r} ({', '.join(SOURCES)})")
+  reads = {
+    "default": (),
+    "text": ("path", "eval_path"),
+    "jsonl": ("path", "eval_path"),
+    "tfds": ("tfds_name", "tfds_eval_split", "tfds_data_dir"),
+    "prepared": ("path", "mixture", "eval_path"),
+  }[cfg.source]
+  for field in ("path", "eval_path", "mixture", "tfds_name", "tfds_eval_split", "tfds_data_dir"):
+    if getattr(cfg, field) and field not in reads:
+      hint = {"default": "data.source=text or jsonl (files) or prepared (a prepared DIR)"}.get(
+        cfg.source, f"the data.source that reads data.{field}"
+      )
+      raise ValueError(
+        f"data.{field}={getattr(cfg, field)!r} is not read by data.source={cfg.source!r}; "
+        f"set {hint}"
+      )
+  if cfg.source in ("text", "jsonl") and not cfg.path:
+    raise ValueError(f"data.source={cfg.source!r} needs data.path=FILE_OR_GLOB")
+  if cfg.source == "tfds" and not cfg.tfds_name:
+    raise ValueError("data.source='tfds' needs data.tfds_name=NAME")
+  if cfg.source == "prepared":
+    if bool(cfg.path) == bool(cfg.mixture):
+      raise ValueError("data.source='prepared' needs data.path=DIR or data.mixture=DIR:W,...")
+    for field in ("tokenizer_path", "vocab_size"):
+      if getattr(cfg, field):
+        raise ValueError(
+          f"data.{field} is not used by data.source='prepared': the prepared DIR brings its "
+          "tokenizer (python -m decoderjax.prepare --tokenizer=...)"
+        )
 
 
-def _read_tfds(cfg: DataConfig, split: str) -> list[str]:
-  try:
-    import tensorflow_datasets as tfds
-  except ImportError:
-    raise ImportError("data.source='tfds' needs `pip install decoderjax[tfds]`") from None
-  ds = tfds.load(cfg.tfds_name, split=split, data_dir=cfg.tfds_data_dir or None)
-  return [ex[cfg.text_field].decode("utf-8") for ex in tfds.as_numpy(ds)]
-
-
-def read_documents(cfg: DataConfig) -> tuple[list[str], list[str] | None]:
-  """(train documents, validation documents or None to split them off the train stream)."""
-  if cfg.source == "default":
-    return [_read_files(p, "text")[0] for p in corpus.shakespeare_files()], None
-  if cfg.source in ("text", "jsonl"):
-    if not cfg.path:
-      raise ValueError(f"data.source={cfg.source!r} needs data.path=FILE_OR_GLOB")
-    train = _read_files(cfg.path, cfg.text_field)
-    return train, _read_files(cfg.eval_path, cfg.text_field) if cfg.eval_path else None
-  if cfg.source == "tfds":
-    train = _read_tfds(cfg, cfg.tfds_split)
-    return train, _read_tfds(cfg, cfg.tfds_eval_split) if cfg.tfds_eval_split else None
-  raise ValueError(f"data.source: unknown source {cfg.source!r} (default, text, jsonl, tfds)")
+def parse_mixture(text: str) -> list[tuple[str, float]]:
+  """'DIR_A:0.7,DIR_B:0.3' -> [(DIR_A, 0.7), (DIR_B, 0.3)], weights normalized to sum 1."""
+  items = []
+  for part in (p.strip() for p in text.split(",") if p.strip()):
+    path, _, weight = part.rpartition(":")
+    try:
+      value = float(weight)
+    except ValueError:
+      value = float("nan")
+    if not path or not np.isfinite(value) or value < 0:
+      raise ValueError(f"data.mixture: {part!r} is not DIR:WEIGHT with a weight >= 0")
+    items.append((path, value))
+  total = sum(w for _, w in items)
+  if not items or total <= 0:
+    raise ValueError(f"data.mixture: {text!r} has no source with a positive weight")
+  return [(p, w / total) for p, w in items]
 
 
 def tokenize_stream(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
@@ -106,11 +119,14 @@ def tokenize_stream(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
 
 @dataclasses.dataclass
 class Dataset:
-  """A token stream split into training and validation tokens (the "lm" task)."""
+  """A token stream split into training and validation tokens (the "lm" task).
+
+  The streams are arrays or `shards.TokenView`s: anything with len() and contiguous slices.
+  """
 
   tokenizer: Tokenizer
-  train_tokens: np.ndarray
-  val_tokens: np.ndarray
+  train_tokens: np.ndarray | shards.TokenView
+  val_tokens: np.ndarray | shards.TokenView
   config: DataConfig
   task: str = "lm"
   label_names: list[str] | None = None
@@ -127,37 +143,159 @@ class Dataset:
     return f"{len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens"
 
 
-def load_dataset(cfg: DataConfig, cache_dir: str, tokenizer: Tokenizer | None = None) -> Dataset:
-  """Reads, tokenizes (cached in `cache_dir`) and splits the data a config names."""
-  train_docs, val_docs = read_documents(cfg)
-  if tokenizer is None:
-    tokenizer = build_tokenizer(cfg.tokenizer, train_docs, cfg.vocab_size, cfg.tokenizer_path)
-  key = hashlib.sha256()
-  for doc in train_docs + (val_docs or []):
-    key.update(hashlib.sha256(doc.encode()).digest())
-  key.update(json.dumps([tokenizer.kind, tokenizer.vocab_size, repr(tokenizer._config())]).encode())
-  path = os.path.join(cache_dir, f"tokens-{key.hexdigest()[:16]}.npz")
-  if os.path.exists(path):
-    with np.load(path) as cached:
-      train, val = cached["train"], cached["val"]
+@dataclasses.dataclass
+class MixtureDataset:
+  """Several prepared token streams drawn from in fixed proportions (data.mixture)."""
+
+  tokenizer: Tokenizer
+  names: list[str]
+  weights: list[float]
+  train: list[shards.TokenView]
+  val: list[shards.TokenView]  # one per source, or a single separate validation stream
+  config: DataConfig
+  task: str = "lm"
+  label_names: list[str] | None = None
+
+  def train_batches(self, batch_size: int, seed: int, rows: slice | None = None):
+    eos, seq_len = self.tokenizer.eos_id, self.config.seq_len
+    sources = [
+      Batches(t, seq_len, batch_size, seed, eos, stream=i) for i, t in enumerate(self.train)
+    ]
+    noise = augmenter(self.config, self.tokenizer)
+    return MixtureBatches(sources, self.names, self.weights, batch_size, seed, rows, noise)
+
+  def eval_batches(self, batch_size: int, max_batches: int = 0):
+    eos, seq_len = self.tokenizer.eos_id, self.config.seq_len
+    if len(self.val) == 1:  # data.eval_path: one separate validation stream
+      return eval_batches(self.val[0], seq_len, batch_size, eos, max_batches)
+    return mixture_eval_batches(self.val, self.weights, seq_len, batch_size, eos, max_batches)
+
+  def describe(self) -> str:
+    parts = ", ".join(
+      f"{n} {w:.0%} ({len(t):,} tokens)"
+      for n, w, t in zip(self.names, self.weights, self.train, strict=True)
+    )
+    return f"mixture of {parts}; {sum(len(v) for v in self.val):,} val tokens"
+
+
+def _split(store: shards.TokenStore, val_fraction: float):
+  cut = int(len(store) * (1 - val_fraction))
+  return shards.TokenView(store, 0, cut), shards.TokenView(store, cut)
+
+
+def _check_length(cfg: DataConfig, name: str, tokens) -> None:
+  if len(tokens) < cfg.seq_len + 1:
+    raise ValueError(
+      f"the {name} split has {len(tokens)} tokens, fewer than data.seq_len + 1 = {cfg.seq_len + 1}"
+    )
+
+
+def _source_inputs(cfg: DataConfig, eval_split: bool = False) -> str:
+  if cfg.source == "default":
+    return ",".join(corpus.shakespeare_files())
+  if cfg.source == "tfds":
+    return f"tfds:{cfg.tfds_name}:{cfg.tfds_eval_split if eval_split else cfg.tfds_split}"
+  return cfg.eval_path if eval_split else cfg.path
+
+
+def _prepared_cache(cfg: DataConfig, inputs: str, cache_dir: str, tokenizer) -> str:
+  """Prepares `inputs` into the workdir's cache (once; a rerun finds it) and returns the DIR."""
+  spec = preparation.PrepareConfig(
+    inputs=inputs,
+    text_field=cfg.text_field if cfg.source != "default" else "text",
+    tokenizer=cfg.tokenizer,
+    tokenizer_path=cfg.tokenizer_path,
+    vocab_size=cfg.vocab_size,
+    tfds_data_dir=cfg.tfds_data_dir,
+    format="jsonl" if cfg.source == "jsonl" else "auto",
+  )
+  directory = os.path.join(cache_dir, f"prepared-{preparation.cache_key(spec, tokenizer)}")
+  preparation.prepare(spec, directory, tokenizer=tokenizer, quiet=True)
+  return directory
+
+
+def open_prepared(directory: str, tokenizer: Tokenizer | None, cfg: DataConfig, whose="model"):
+  """(store, tokenizer) of a prepared DIR, refused when its tokenizer is not the one given
+  (the model's, or `whose`) or not the kind data.tokenizer names."""
+  store = shards.TokenStore(directory)
+  tok = load_tokenizer(os.path.join(directory, shards.TOKENIZER))
+  if tokenizer is not None and tokenizer.fingerprint() != tok.fingerprint():
+    raise ValueError(
+      f"{directory} was prepared with another tokenizer ({tok.kind}, {tok.vocab_size} ids) "
+      f"than the {whose}'s ({tokenizer.kind}, {tokenizer.vocab_size} ids); prepare it with "
+      f"--tokenizer=DIR naming the {whose}'s directory"
+    )
+  family = "sentencepiece" if cfg.tokenizer in SPM_KINDS else cfg.tokenizer
+  if tokenizer is None and family != tok.kind:
+    raise ValueError(
+      f"{directory} holds {tok.kind} tokens, but data.tokenizer={cfg.tokenizer!r}; "
+      f"set --config.data.tokenizer={tok.kind}"
+    )
+  return store, tok
+
+
+def load_dataset(cfg: DataConfig, cache_dir: str, tokenizer: Tokenizer | None = None):
+  """The data a config names, prepared into token shards (cached in `cache_dir`) and split into
+  training and validation streams. `tokenizer` (a model's) replaces the config's."""
+  check_inputs(cfg)
+  if cfg.mixture:
+    return _load_mixture(cfg, tokenizer)
+  if cfg.source == "prepared":
+    store, tok = open_prepared(cfg.path, tokenizer, cfg)
   else:
-    train = tokenize_stream(train_docs, tokenizer)
-    if val_docs is None:
-      cut = int(len(train) * (1 - cfg.val_fraction))
-      train, val = train[:cut], train[cut:]
-    else:
-      val = tokenize_stream(val_docs, tokenizer)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"  # hosts sharing a filesystem write side by side
-    np.savez(tmp, train=train, val=val)
-    os.replace(tmp, path)
-  for name, tokens in (("training", train), ("validation", val)):
-    if len(tokens) < cfg.seq_len + 1:
-      raise ValueError(
-        f"the {name} split has {len(tokens)} tokens, "
-        f"fewer than data.seq_len + 1 = {cfg.seq_len + 1}"
-      )
-  return Dataset(tokenizer, train, val, cfg)
+    directory = _prepared_cache(cfg, _source_inputs(cfg), cache_dir, tokenizer)
+    store = shards.TokenStore(directory)
+    tok = load_tokenizer(os.path.join(directory, shards.TOKENIZER))
+  if cfg.eval_path or cfg.tfds_eval_split:
+    train = shards.TokenView(store)
+    val = _eval_stream(cfg, cache_dir, tok)
+  else:
+    train, val = _split(store, cfg.val_fraction)
+  _check_length(cfg, "training", train)
+  _check_length(cfg, "validation", val)
+  return Dataset(tok, train, val, cfg)
+
+
+def _eval_stream(cfg: DataConfig, cache_dir: str, tok: Tokenizer) -> shards.TokenView:
+  """The separate validation data, tokenized with the training data's tokenizer."""
+  if cfg.source == "prepared":
+    store, _ = open_prepared(cfg.eval_path, tok, cfg)
+  else:
+    directory = _prepared_cache(cfg, _source_inputs(cfg, eval_split=True), cache_dir, tok)
+    store = shards.TokenStore(directory)
+  return shards.TokenView(store)
+
+
+def _load_mixture(cfg: DataConfig, tokenizer: Tokenizer | None) -> MixtureDataset:
+  items = parse_mixture(cfg.mixture)
+  tok, trains, vals = tokenizer, [], []
+  for path, _ in items:
+    whose = "model" if tokenizer is not None else "first mixture source"
+    store, source_tok = open_prepared(path, tok, cfg, whose)
+    tok = tok or source_tok  # every later source must share the first one's tokenizer
+    train, val = (
+      (shards.TokenView(store), None) if cfg.eval_path else _split(store, cfg.val_fraction)
+    )
+    _check_length(cfg, f"training ({path})", train)
+    trains.append(train)
+    vals.append(val)
+  if cfg.eval_path:
+    vals = [_eval_stream(cfg, "", tok)]
+  for path, val in zip([p for p, _ in items], vals, strict=False):
+    _check_length(cfg, f"validation ({path})", val)
+  names = _source_names([p for p, _ in items])
+  return MixtureDataset(tok, names, [w for _, w in items], trains, vals, cfg)
+
+
+def _source_names(paths: list[str]) -> list[str]:
+  """Short, distinct names of the mixture's DIRs (for logs): the fewest trailing path parts
+  that tell them apart."""
+  parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+  for k in range(1, max(map(len, parts)) + 1):
+    names = ["/".join(p[-k:]) for p in parts]
+    if len(set(names)) == len(names):
+      return names
+  return [f"{n}_{i}" for i, n in enumerate(names)]  # the same DIR twice
 
 
 # Augmentation of training inputs (any task).
@@ -253,48 +391,162 @@ class Batches:
   """Deterministic training batches: batch(step) is a function of (seed, step) alone.
 
   Each epoch cuts the stream into windows at a fresh random offset and visits them in a fresh
-  random order. `rows` selects this host's rows of the global batch.
+  order (a stateless permutation: O(batch) work per step, whatever the stream's length). `rows`
+  selects this host's rows of the global batch; `stream` keys the shuffle of one mixture source.
   """
 
   def __init__(
-    self, tokens, seq_len, batch_size, seed, eos_id, rows: slice | None = None, noise=None
-  ):
+    self, tokens, seq_len, batch_size, seed, eos_id, rows: slice | None = None, noise=None,
+    stream: int | None = None,
+  ):  # fmt: skip
     self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
     self.seed, self.eos_id, self.noise = seed, eos_id, noise
+    self.key = (seed,) if stream is None else (seed, stream)
     self.rows = rows or slice(0, batch_size)  # this host's rows of the global batch
-    self.windows_per_epoch = (len(tokens) - 1 - seq_len) // seq_len  # leaves room for any offset
-    self._orders = {}  # the permutations of the current and previous epoch
+    # Room for the largest offset: windows at offset + i * seq_len all end inside the stream.
+    self.windows_per_epoch = max(1, (len(tokens) - 1 - seq_len) // seq_len)
+    self.offsets = max(1, min(seq_len, len(tokens) - self.windows_per_epoch * seq_len))
 
-  def _epoch_order(self, epoch: int) -> tuple[int, np.ndarray]:
-    rng = np.random.default_rng([self.seed, epoch])
-    return int(rng.integers(self.seq_len)), rng.permutation(self.windows_per_epoch)
+  @functools.lru_cache(maxsize=4)  # noqa: B019 (a few epochs' keys; instances live for a run)
+  def _epoch(self, epoch: int) -> tuple[int, Permutation]:
+    offset = int(np.random.default_rng([*self.key, epoch]).integers(self.offsets))
+    return offset, Permutation(self.windows_per_epoch, (*self.key, epoch))
 
-  def example_indices(self, step: int) -> list[tuple[int, int]]:
-    first = step * self.batch_size
-    return [divmod(i, self.windows_per_epoch) for i in range(first, first + self.batch_size)]
+  def window_starts(self, examples: np.ndarray) -> np.ndarray:
+    """Token offsets of the windows of these example indices (example i of the whole run)."""
+    epochs, within = np.divmod(np.asarray(examples, np.int64), self.windows_per_epoch)
+    starts = np.empty(len(epochs), np.int64)
+    for epoch in np.unique(epochs):
+      offset, order = self._epoch(int(epoch))
+      at = epochs == epoch
+      starts[at] = offset + order(within[at]) * self.seq_len
+    return starts
+
+  def windows(self, examples: np.ndarray) -> np.ndarray:
+    """[len(examples), seq_len + 1] token windows."""
+    width = self.seq_len + 1
+    out = np.empty((len(examples), width), np.int32)
+    for r, start in enumerate(self.window_starts(examples)):
+      out[r] = self.tokens[int(start) : int(start) + width]
+    return out
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    starts = []
-    for epoch, i in self.example_indices(step)[self.rows]:
-      if epoch not in self._orders:
-        self._orders = {epoch: self._epoch_order(epoch), **dict(list(self._orders.items())[-1:])}
-      offset, order = self._orders[epoch]
-      starts.append(offset + order[i] * self.seq_len)
-    window = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts])
+    rows = np.arange(step * self.batch_size, (step + 1) * self.batch_size)[self.rows]
+    batch = pack_window(self.windows(rows), self.eos_id)
+    return add_noise(batch, self.noise, self.seed, step, range(self.batch_size)[self.rows])
+
+  def tokens_seen(self, steps: int) -> dict[str, int]:
+    del steps
+    return {}  # one source: the logger's token count says it all
+
+
+class MixtureSchedule:
+  """Which source each row of the run reads, in fixed proportions, as a pure function.
+
+  Rows come in blocks of `BLOCK` with one fixed pattern: position p goes to the source furthest
+  behind its share of the first p + 1 rows (Megatron's blending rule), so every prefix of a
+  block holds each source's share to within a row. Row g is source s's example j, counted per
+  source; each source shuffles its own examples.
+  """
+
+  BLOCK = 4096
+
+  def __init__(self, weights: list[float]):
+    w = np.asarray(weights, np.float64)
+    self.sources = np.empty(self.BLOCK, np.int64)  # position in block -> source
+    self.ranks = np.empty(self.BLOCK, np.int64)  # position -> its index among that source's
+    counts = np.zeros(len(w), np.int64)
+    for p in range(self.BLOCK):
+      s = int(np.argmax(w * (p + 1) - counts))
+      self.sources[p], self.ranks[p] = s, counts[s]
+      counts[s] += 1
+    if (counts == 0).any():
+      small = float(w[counts == 0].max())
+      raise ValueError(
+        f"data.mixture: a weight of {small:.2g} is below 1/{self.BLOCK} of the total"
+      )
+    self.counts = counts
+
+  def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(source, example index within that source) of each global row index."""
+    blocks, positions = np.divmod(np.asarray(rows, np.int64), self.BLOCK)
+    source = self.sources[positions]
+    return source, blocks * self.counts[source] + self.ranks[positions]
+
+  def rows_per_source(self, rows: int) -> np.ndarray:
+    """How many of the first `rows` rows each source gave."""
+    full, part = divmod(rows, self.BLOCK)
+    return full * self.counts + np.bincount(self.sources[:part], minlength=len(self.counts))
+
+
+class MixtureBatches:
+  """Training batches drawn from several sources (each a `Batches` over its own stream, whose
+  epochs repeat independently) by a `MixtureSchedule`."""
+
+  def __init__(
+    self, sources: list[Batches], names, weights, batch_size, seed, rows=None, noise=None
+  ):
+    self.sources, self.names, self.batch_size = sources, names, batch_size
+    self.seed, self.noise, self.seq_len = seed, noise, sources[0].seq_len
+    self.eos_id = sources[0].eos_id
+    self.rows = rows or slice(0, batch_size)
+    self.schedule = MixtureSchedule(weights)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    rows = np.arange(step * self.batch_size, (step + 1) * self.batch_size)[self.rows]
+    source, example = self.schedule(rows)
+    window = np.empty((len(rows), self.seq_len + 1), np.int32)
+    for s, batches in enumerate(self.sources):
+      at = source == s
+      if at.any():
+        window[at] = batches.windows(example[at])
     batch = pack_window(window, self.eos_id)
     return add_noise(batch, self.noise, self.seed, step, range(self.batch_size)[self.rows])
+
+  def tokens_seen(self, steps: int) -> dict[str, int]:
+    counts = self.schedule.rows_per_source(steps * self.batch_size) * self.seq_len
+    return {f"tokens_seen/{n}": int(c) for n, c in zip(self.names, counts, strict=True)}
+
+
+def window_batches(read, n: int, seq_len: int, batch_size: int, eos_id, max_batches: int = 0):
+  """Batches of windows 0..n-1 (`read(indices) -> [len, seq_len + 1]`), the last one padded
+  with zero-weight rows so every batch has one compiled shape; `max_batches` caps the count."""
+  count = min(n, max_batches * batch_size) if max_batches else n
+  for first in range(0, count, batch_size):
+    indices = np.arange(first, min(first + batch_size, count))
+    real = len(indices)
+    batch = pack_window(read(np.pad(indices, (0, batch_size - real))), eos_id)
+    batch["weights"][real:] = 0.0
+    yield batch
+
+
+def _consecutive(tokens, seq_len: int):
+  """`read` for consecutive windows of a stream: window i starts at token i * seq_len."""
+  return lambda indices: np.stack(
+    [tokens[i * seq_len : i * seq_len + seq_len + 1] for i in indices]
+  )
 
 
 def eval_batches(tokens, seq_len, batch_size, eos_id, max_batches=0):
   """Consecutive validation windows (the whole split unless `max_batches` caps it)."""
   n = (len(tokens) - 1) // seq_len
-  starts = np.arange(n) * seq_len
-  if max_batches:
-    starts = starts[: max_batches * batch_size]
-  for i in range(0, len(starts), batch_size):
-    chunk = starts[i : i + batch_size]
-    real = len(chunk)
-    chunk = np.pad(chunk, (0, batch_size - real))  # a full last batch: one compiled shape
-    batch = pack_window(np.stack([tokens[s : s + seq_len + 1] for s in chunk]), eos_id)
-    batch["weights"][real:] = 0.0
-    yield batch
+  return window_batches(_consecutive(tokens, seq_len), n, seq_len, batch_size, eos_id, max_batches)
+
+
+def mixture_eval_batches(vals, weights, seq_len, batch_size, eos_id, max_batches=0):
+  """Validation windows of several sources in the mixture's proportions: the mixture's loss.
+
+  Row g reads its source's next consecutive window, as the training schedule assigns rows;
+  rows stop where the first source runs out of held-out windows."""
+  schedule = MixtureSchedule(weights)
+  available = np.asarray([(len(v) - 1) // seq_len for v in vals])
+  n = int(min(available / np.asarray(weights)))
+  source, example = schedule(np.arange(n))
+  keep = example < available[source]
+  source, example = source[keep], example[keep]
+  reads = [_consecutive(v, seq_len) for v in vals]
+
+  def read(indices):
+    return np.concatenate([reads[source[i]]([example[i]]) for i in indices])
+
+  return window_batches(read, len(source), seq_len, batch_size, eos_id, max_batches)

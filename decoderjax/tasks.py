@@ -334,6 +334,10 @@ class TaskBatches:
     batch = {k: v[self.example_indices(step)] for k, v in self.data.items()}
     return add_noise(batch, self.noise, self.seed, step, range(self.batch_size)[self.rows])
 
+  def tokens_seen(self, steps: int) -> dict[str, int]:
+    del steps
+    return {}  # one source
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskDataset:

@@ -6,10 +6,13 @@ Every tokenizer saves itself into a folder (a model directory's `tokenizer/`) wi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 from collections.abc import Iterable
+
+import numpy as np
 
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -27,6 +30,19 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     raise NotImplementedError
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids as an int32 array (subclasses batch the work where their library can)."""
+    return [np.asarray(self.encode(t), np.int32) for t in texts]
+
+  def fingerprint(self) -> str:
+    """A hash of everything that decides the ids: equal fingerprints tokenize alike."""
+    digest = hashlib.sha256(json.dumps([self.kind, self.vocab_size, self._config()]).encode())
+    digest.update(self._payload())
+    return digest.hexdigest()[:16]
+
+  def _payload(self) -> bytes:
+    return b""
 
   def _config(self) -> dict:
     return {}
@@ -66,6 +82,19 @@ class CharTokenizer(Tokenizer):
   def decode(self, ids: Iterable[int]) -> str:
     return "".join(self.chars[i] for i in ids if 0 <= i < len(self.chars))
 
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    codes = np.fromiter((ord(c) for c in self.chars), np.int64, len(self.chars))
+    order = np.argsort(codes)
+    out = []
+    for text in texts:
+      points = np.frombuffer(text.encode("utf-32-le"), np.uint32).astype(np.int64)
+      at = np.minimum(np.searchsorted(codes[order], points), len(codes) - 1)
+      unknown = codes[order][at] != points
+      if unknown.any():
+        self.encode(chr(points[np.argmax(unknown)]))  # raises, naming the character
+      out.append(order[at].astype(np.int32))
+    return out
+
   def _config(self) -> dict:
     return {"chars": self.chars}
 
@@ -83,6 +112,9 @@ class ByteTokenizer(Tokenizer):
 
   def decode(self, ids: Iterable[int]) -> str:
     return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in texts]
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -135,6 +167,12 @@ class SentencePieceTokenizer(Tokenizer):
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
 
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, np.int32) for ids in self.sp.encode(texts)]
+
+  def _payload(self) -> bytes:
+    return self.model_proto
+
   def decode(self, ids: Iterable[int]) -> str:
     return self.sp.decode([int(i) for i in ids])
 
@@ -173,6 +211,13 @@ class HFTokenizer(Tokenizer):
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    encodings = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encodings]
+
+  def _payload(self) -> bytes:
+    return self.json_text.encode()
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)

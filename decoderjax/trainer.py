@@ -20,15 +20,12 @@ from decoderjax import adapters, modeldir, pruning
 from decoderjax import data as data_lib
 from decoderjax import metrics as metrics_lib
 from decoderjax import sharding as sharding_lib
+from decoderjax.errors import TrainingError
 from decoderjax.experiment import Experiment
 from decoderjax.model import Decoder, count_params
 from decoderjax.optimizer import make_optimizer, make_schedule
 from decoderjax.sampling import SamplingConfig, generate_tokens, new_tokens
 from decoderjax.steps import TrainState, eval_step, train_step
-
-
-class TrainingError(Exception):
-  """A problem the user must fix; the binary prints it as one line."""
 
 
 def check_workdir(workdir: str, exp: Experiment) -> None:
@@ -351,6 +348,7 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
           "grad_norm": float(m["grad_norm"]),
           "tokens_per_sec": tokens_per_sec,
           "mfu": flops_per_token * tokens_per_sec / (peak * jax.device_count()),
+          **batches.tokens_seen(done),  # a mixture's tokens per source
         }
       extras_start = time.perf_counter()
       eval_now = bool(exp.eval.every_steps and done % exp.eval.every_steps == 0)

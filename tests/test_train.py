@@ -115,6 +115,38 @@ def test_interrupted_runs_resume_to_identical_losses(tmp_path, text_file):
     assert mngr.latest_step() == 24
 
 
+def test_mixture_run_resumes_after_sigkill_to_identical_losses(tmp_path, text_file):
+  from test_data import prepared
+
+  text = open(text_file).read()
+  a = prepared(str(tmp_path / "a"), text[: len(text) // 2], tokenizer="char")
+  b = prepared(str(tmp_path / "b"), text[len(text) // 2 :][::-1], tokenizer="char")
+  common = [
+    "--config.data.source=prepared",
+    "--config.data.path=",
+    f"--config.data.mixture={a}:0.8,{b}:0.2",
+    "--config.train.steps=12",
+    "--config.train.log_every=1",
+    "--config.checkpoint.every_steps=3",
+    "--config.eval.every_steps=6",
+  ]
+  reference = run_train(tmp_path / "ref", text_file, *common)
+  assert reference.returncode == 0, reference.stderr
+  expected = losses(tmp_path / "ref")
+  with open(tmp_path / "ref" / "metrics.jsonl") as f:
+    last = [json.loads(line) for line in f][-1]
+  seen = (last["tokens_seen/a/prepared"], last["tokens_seen/b/prepared"])
+  assert seen == (38 * 32, 10 * 32)  # 48 rows at shares 0.8 / 0.2, to the nearest row
+  assert last["val_loss"] > 1.0
+  proc = run_train(tmp_path / "w", text_file, *common, wait=False)
+  wait_for_step(tmp_path / "w", 7, proc)
+  proc.kill()
+  proc.wait()
+  finished = run_train(tmp_path / "w", text_file, *common)
+  assert finished.returncode == 0, finished.stderr
+  assert "resumed from" in finished.stdout and losses(tmp_path / "w") == expected
+
+
 @pytest.mark.parametrize(
   "extra, message",
   [
