@@ -67,9 +67,11 @@ def time_steps(step, steps: int) -> list[float]:
   return times
 
 
-def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None):
+def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None, next_batch=None):
   """(step() -> loss as a float, compile seconds): decoderjax's full train step (forward,
-  backward, AdamW) on random tokens, sharded and jitted as the train binary does it."""
+  backward, AdamW) on random tokens, sharded and jitted as the train binary does it.
+  `next_batch(i) -> packed batch`: each step then builds and sends the next batch while the
+  device computes, as the trainer does (else one random batch serves every step)."""
   import functools
 
   import jax
@@ -103,10 +105,13 @@ def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None):
     start = time.perf_counter()
     compiled = fn.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - start
-  holder = [state]
+  holder = [state, batch, 0]
 
   def step() -> float:
-    holder[0], metrics = compiled(holder[0], batch, frozen)
+    holder[0], metrics = compiled(holder[0], holder[1], frozen)
+    if next_batch is not None:
+      holder[2] += 1
+      holder[1] = sharding.global_batch(mesh, next_batch(holder[2]))
     return float(metrics["loss"])  # wait, as the trainer does
 
   return step, compile_s

@@ -118,9 +118,9 @@ def _prepare_unit(job) -> sources.Unit:
       chars += len(text)
       nonblank = nonblank or bool(text.strip())
       if chars >= BATCH_CHARS:
-        writer.add(tok.encode_batch(texts), ends, tok.eos_id)
+        writer.add(*tok.encode_flat(texts), ends, tok.eos_id)
         texts, ends, chars = [], [], 0
-    writer.add(tok.encode_batch(texts), ends, tok.eos_id)
+    writer.add(*tok.encode_flat(texts), ends, tok.eos_id)
     writer.commit({**dataclasses.asdict(unit), "nonblank": nonblank})
   except BaseException:
     writer.abort()

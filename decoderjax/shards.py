@@ -58,22 +58,19 @@ class ShardWriter:
     self.file = open(self.base + ".tokens" + self.suffix, "wb")
     self.digest = hashlib.sha256()
 
-  def add(self, ids: list[np.ndarray], ends_document: list[bool], eos_id: int | None) -> None:
-    """Appends pieces of text's ids; EOS (if any) follows each piece that ends a document."""
-    eos = np.asarray([] if eos_id is None else [eos_id], self.dtype)
-    parts, lengths = [], []
-    for piece, end in zip(ids, ends_document, strict=True):
-      parts.append(piece.astype(self.dtype))
-      lengths.append(len(piece))
-      if end:
-        parts.append(eos)
-        lengths[-1] += len(eos)
-    offsets = self.tokens + np.cumsum(lengths, dtype=np.int64)
-    self.ends.extend(offsets[np.asarray(ends_document, bool)].tolist())
-    data = np.concatenate(parts).tobytes() if parts else b""
+  def add(self, ids: np.ndarray, lengths: np.ndarray, ends_document, eos_id: int | None) -> None:
+    """Appends pieces of text (`ids` concatenated, `lengths` each); EOS, where the tokenizer
+    has one, follows each piece that ends a document."""
+    ends = np.asarray(ends_document, bool)
+    ids = ids.astype(self.dtype)
+    if eos_id is not None:
+      ids = np.insert(ids, np.cumsum(lengths)[ends], eos_id)
+      lengths = lengths + ends
+    self.ends.extend((self.tokens + np.cumsum(lengths, dtype=np.int64))[ends].tolist())
+    data = ids.tobytes()
     self.file.write(data)
     self.digest.update(data)
-    self.tokens += sum(lengths)
+    self.tokens += len(ids)
 
   def commit(self, unit: dict) -> dict:
     self.file.close()

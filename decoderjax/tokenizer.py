@@ -32,8 +32,14 @@ class Tokenizer:
     raise NotImplementedError
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-    """Each text's ids as an int32 array (subclasses batch the work where their library can)."""
+    """Each text's ids as an integer array (subclasses batch the work where their library can)."""
     return [np.asarray(self.encode(t), np.int32) for t in texts]
+
+  def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(every text's ids, concatenated; each text's id count): one array for many texts."""
+    arrays = self.encode_batch(texts)
+    lengths = np.asarray([len(a) for a in arrays], np.int64)
+    return (np.concatenate(arrays) if arrays else np.zeros(0, np.int32)), lengths
 
   def fingerprint(self) -> str:
     """A hash of everything that decides the ids: equal fingerprints tokenize alike."""
@@ -114,7 +120,13 @@ class ByteTokenizer(Tokenizer):
     return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-    return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) for t in texts]
+    flat, lengths = self.encode_flat(texts)
+    return np.split(flat, np.cumsum(lengths[:-1])) if len(texts) else []
+
+  def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    encoded = [t.encode("utf-8") for t in texts]
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    return np.frombuffer(b"".join(encoded), np.uint8), lengths
 
 
 class SentencePieceTokenizer(Tokenizer):

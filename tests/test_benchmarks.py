@@ -45,3 +45,20 @@ def test_matmul_chain_counts_the_step_projection_flops_and_runs(monkeypatch):
   assert result["step_gflop"] == 3 * 2 * 32 * (16 * 48 + 16 * 16 + 2 * 16 * 64) / 1e9
   runs = [k for k in result if k != "step_gflop"]
   assert len(runs) == 4 and all(result[k]["gflops"] > 0 for k in runs)
+
+
+def test_data_pipeline_benchmark_runs_small(tmp_path):
+  out = tmp_path / "data.json"
+  command = [sys.executable, "data_pipeline.py", "--parts=throughput,memory",
+             "--throughput_mb=0.5", "--sizes_mb=1", f"--json={out}"]  # fmt: skip
+  subprocess.run(command, cwd=BENCHMARKS, check=True, capture_output=True, text=True)
+  result = json.loads(out.read_text())
+  assert {(r["tokenizer"], r["workers"]) for r in result["throughput"]} == {
+    ("byte", 1),
+    ("byte", 2),
+    ("hf", 1),
+    ("hf", 2),
+  }
+  assert all(r["prepare_mb_s"] > 0 and r["library_mb_s"] > 0 for r in result["throughput"])
+  (row,) = result["memory"]
+  assert row["corpus_mb"] == 1 and 0 < row["pipeline_peak_rss_mb"] < 1024
