@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from decoderjax.config import ModelConfig
 from decoderjax.layers import (
@@ -17,6 +18,7 @@ from decoderjax.layers import (
   projection,
   record_inputs,
 )
+from decoderjax.sharding import target_platform
 
 Array = jax.Array
 
@@ -50,8 +52,8 @@ def resolve_impl(cfg: ModelConfig, dropout_active: bool, seq_len: int) -> str:
   (attention dropout; soft-capping outside splash) fall back to XLA.
   """
   impl = cfg.attention_impl
-  if impl == "auto":
-    backend = jax.default_backend()
+  if impl == "auto":  # by the devices the program is for, not the host that traces it
+    backend = target_platform()
     impl = {"tpu": "splash", "cpu": "xla"}.get(backend, "dot_product_attention")
     if impl == "splash" and seq_len % SPLASH_BLOCK:
       impl = "dot_product_attention"
@@ -91,7 +93,7 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg: ModelConfig) -
     head_shards=1,
     q_seq_shards=1,
     attn_logits_soft_cap=cfg.attn_logit_softcap,
-    interpret=jax.default_backend() != "tpu",
+    interpret=target_platform() != "tpu",
   )
   q_BKGTH = (q_BTNH * (h**-0.5)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
   k_BKTH = k_BTKH.transpose(0, 2, 1, 3)
@@ -101,8 +103,34 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg: ModelConfig) -
     return kernel(q_GTH, k_TH, v_TH, segment_ids=splash.SegmentIds(q=segment_T, kv=segment_T))
 
   per_kv_head = jax.vmap(one, in_axes=(0, 0, 0, None))  # over K
-  out_BKGTH = jax.vmap(per_kv_head)(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT)  # over B
-  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  per_row = jax.vmap(per_kv_head)  # over B
+  return (
+    _by_shard(per_row, q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT)
+    .transpose(0, 3, 1, 2, 4)
+    .reshape(b, t, n, h)
+  )
+
+
+def _by_shard(kernel, q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT) -> Array:
+  """Runs a Pallas kernel on each device's rows and kv heads (Mosaic kernels are not
+  partitioned by XLA): shard_map over the batch axes, and the tensor axis where it divides the
+  kv heads."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT)
+  batch, heads = nn.logical_to_mesh_axes(("activation_batch", "activation_heads"))
+  names = (heads,) if isinstance(heads, str) else heads or ()
+  ways = 1
+  for name in names:
+    ways *= mesh.shape[name]
+  heads = heads if k_BKTH.shape[1] % ways == 0 else None
+  spec = PartitionSpec(batch, heads)
+  return jax.shard_map(
+    kernel,
+    in_specs=(spec, spec, spec, PartitionSpec(batch)),
+    out_specs=spec,
+    check_vma=False,
+  )(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT)
 
 
 CAUSAL_BLOCK_MIN, CAUSAL_BLOCKS_MAX = 64, 8  # xla_attention's query blocks

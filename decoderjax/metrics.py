@@ -12,19 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decoderjax import chips
 from decoderjax.config import ModelConfig
-
-# Dense bf16 peak FLOP/s per device, for MFU on accelerators (published figures).
-_PEAKS = {
-  "TPU v4": 275e12,
-  "TPU v5 lite": 197e12,
-  "TPU v5e": 197e12,
-  "TPU v5p": 459e12,
-  "TPU v6 lite": 918e12,
-  "H100": 989e12,
-  "H200": 989e12,
-  "A100": 312e12,
-}
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -61,10 +50,9 @@ def matmul_flops(n: int, dtype: str = "float32", repeats: int = 5) -> float:
 @functools.cache
 def peak_flops(dtype: str = "float32") -> float:
   """Per-device peak: the published figure for accelerators, a measured matmul on CPU."""
-  device = jax.devices()[0]
-  for name, peak in _PEAKS.items():
-    if name.lower() in device.device_kind.lower():
-      return peak if dtype != "float32" else peak / 2
+  chip = chips.chip_for(jax.devices()[0].device_kind)
+  if chip is not None:
+    return chip.bf16_flops if dtype != "float32" else chip.bf16_flops / 2
   return matmul_flops(1024)
 
 

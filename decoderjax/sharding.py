@@ -119,6 +119,15 @@ def activate(mesh: Mesh | None, rules=DEFAULT_RULES):
     yield
 
 
+def target_platform() -> str:
+  """The platform traced code compiles for: the active mesh's devices (a TPU slice compiled
+  ahead of time from a CPU host, say), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 def logical_shardings(mesh: Mesh, rules, boxed_tree):
   """NamedShardings for a tree whose leaves may be nn.Partitioned (logical axis names)."""
   specs = nn.get_partition_spec(boxed_tree)

@@ -50,7 +50,9 @@ def state_shardings(exp: Experiment, optimizer, mesh):
 
   The train state holds the method's trainable parameters and their optimizer state only.
   """
-  boxed_params = jax.eval_shape(params_init(exp.model), jax.random.key(0))
+  # The key is made inside eval_shape: nothing runs eagerly (on a TPU slice compiled for
+  # ahead of time from a CPU host, say, there is no device to run it on).
+  boxed_params = jax.eval_shape(lambda: params_init(exp.model)(jax.random.key(0)))
   trainable, frozen = adapters.split_trainable(boxed_params, exp.finetune.method)
 
   def boxed_state(params):
@@ -101,6 +103,38 @@ def initial_params(exp: Experiment, layout, mesh):
 def _base_tree(directory: str):
   return sharding_lib.strip_boxes(
     jax.eval_shape(params_init(modeldir.read_config(directory)), jax.random.key(0))
+  )
+
+
+def experiment_optimizer(exp: Experiment):
+  """The run's optax transformation: the configured optimizer, plus the fine-tuning method's
+  frozen layers and a pruned model's zeros kept at zero."""
+  optimizer = make_optimizer(exp.optimizer, exp.train.steps)
+  full = exp.finetune.method == "full"
+  if full and (exp.finetune.freeze_layers or exp.finetune.freeze_embeddings):
+    freeze = adapters.freeze_updates(
+      exp.model, exp.finetune.freeze_layers, exp.finetune.freeze_embeddings
+    )
+    optimizer = optax.chain(optimizer, freeze)
+  if full and exp.model.pruning != "none":  # recovery fine-tuning keeps the zeros
+    optimizer = optax.chain(optimizer, pruning.keep_zeros())
+  return optimizer
+
+
+def jit_train_step(exp: Experiment, optimizer, layout, mesh):
+  """The train step, jitted once with the state's shardings and the state donated."""
+  step = functools.partial(
+    train_step,
+    cfg=exp.model,
+    optimizer=optimizer,
+    loss_cfg=exp.loss,
+    schedule=make_schedule(exp.optimizer, exp.train.steps),
+  )
+  return jax.jit(
+    step,
+    in_shardings=(layout["state"], sharding_lib.batch_sharding(mesh), layout["frozen"]),
+    out_shardings=(layout["state"], None),
+    donate_argnums=0,
   )
 
 
@@ -227,26 +261,11 @@ def _train(exp: Experiment, workdir: str, dataset: data_lib.Dataset, mesh) -> di
     modeldir.write_metadata(workdir, exp.model, dataset.tokenizer, generation, extra)
   sharding_lib.sync_hosts("decoderjax.write_metadata")
   tokenizer = dataset.tokenizer
-  optimizer = make_optimizer(exp.optimizer, exp.train.steps)
-  if method == "full" and (exp.finetune.freeze_layers or exp.finetune.freeze_embeddings):
-    freeze = adapters.freeze_updates(
-      exp.model, exp.finetune.freeze_layers, exp.finetune.freeze_embeddings
-    )
-    optimizer = optax.chain(optimizer, freeze)
-  if method == "full" and exp.model.pruning != "none":  # recovery fine-tuning keeps the zeros
-    optimizer = optax.chain(optimizer, pruning.keep_zeros())
-  schedule = make_schedule(exp.optimizer, exp.train.steps)
+  optimizer = experiment_optimizer(exp)
   layout = state_shardings(exp, optimizer, mesh)
   shardings, abstract = layout["state"], layout["state_abstract"]
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  step_fn = jax.jit(
-    functools.partial(
-      train_step, cfg=exp.model, optimizer=optimizer, loss_cfg=exp.loss, schedule=schedule
-    ),
-    in_shardings=(shardings, batch_sharding, layout["frozen"]),
-    out_shardings=(shardings, None),
-    donate_argnums=0,
-  )
+  step_fn = jit_train_step(exp, optimizer, layout, mesh)
   eval_fn = jax.jit(
     functools.partial(eval_step, cfg=exp.model, loss_cfg=exp.loss),
     in_shardings=(shardings.params, batch_sharding, layout["frozen"]),

@@ -4,8 +4,13 @@ import os
 import sys
 import tempfile
 
-import jax
-import pytest
+# libtpu (the test extra's, for ahead-of-time TPU compiles) would otherwise make JAX look for a
+# TPU first, here and in every binary the tests start; topologies are compiled for explicitly.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # pytest workers each compile for TPU
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -273,6 +273,8 @@ PUBLISHED_COUNTS = {
   "smollm2-135m": 134_515_008,
   "llama-3.2-1b": 1_235_814_400,
   "mistral-7b": 7_241_732_096,
+  "llama-3.1-8b": 8_030_261_248,  # meta-llama/Llama-3.1-8B
+  "llama-3.1-70b": 70_553_706_496,  # meta-llama/Llama-3.1-70B
   "qwen2.5-0.5b": 494_032_768,
   "gemma-2b": 2_506_172_416,
 }
