@@ -9,6 +9,8 @@ with random tokens, built and sharded as the train binary does (`--fsdp=-1`: par
 optimizer state sharded over every device). Prints tokens/s, MFU (model FLOPs per token x tokens/s
 over the measured peak, and over the published peak where known), compile time and peak device
 memory, one JSON line. Meant for the H200 of the device tool; the second line is the CPU smoke run.
+`--projection=REPORT.json` (written by `python -m decoderjax.compile --output_json` for the same
+preset, batch and mesh, e.g. `--topology=h200:1`) puts its roofline MFU beside the measured one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main():
   parser.add_argument("--fsdp", type=int, default=-1, help="mesh fsdp axis (-1: every device)")
   parser.add_argument("--peak_size", type=int, default=8192, help="matmul side for the peak")
   parser.add_argument("--json", help="write the figures here too")
+  parser.add_argument("--projection", help="a decoderjax.compile --output_json report to compare")
   args = parser.parse_args()
 
   import jax
@@ -74,6 +77,11 @@ def main():
     "loss_first_last": [first_loss, step()],
     "at": time.strftime("%Y-%m-%d %H:%M:%S"),
   }
+  if args.projection:
+    with open(args.projection) as f:
+      roofline = json.load(f)["roofline"]
+    result["projected_mfu"] = roofline["mfu"]
+    result["projected_mfu_no_overlap"] = roofline["mfu_no_overlap"]
   print(json.dumps(result))
   if args.json:
     with open(args.json, "w") as f:

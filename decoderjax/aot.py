@@ -287,10 +287,8 @@ def collectives(hlo: str, mesh) -> list[dict]:
           "times": times.get(name, 1), "sent_bytes": _sent(op, nbytes, slices),
         })  # fmt: skip
         continue
-      m = _OP.match(line)
-      if not m or line.lstrip().startswith(
-        ("%" + m.group("op") + "-done", m.group("op") + "-done")
-      ):
+      m = _OP.match(line)  # an async pair counts once, at its -start
+      if not m:
         continue
       op, nbytes = m.group("op"), shape_bytes(m.group("shape"))
       if m.group("start"):  # async start: (operand, result, ...) -> the result
