@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +103,28 @@ def test_output_is_the_same_for_any_worker_count_and_after_an_interruption(tmp_p
   preparation.prepare(cfg, str(tmp_path / "cut"), quiet=True)
   again = {k: v for k, v in tree_digest(tmp_path / "cut").items() if not k.endswith(".tmp")}
   assert again == reference
+
+
+def test_a_prepare_killed_halfway_and_rerun_writes_the_same_shards(tmp_path, shakespeare_text):
+  corpus = tmp_path / "big.txt"
+  corpus.write_text(shakespeare_text * 24)  # ~27 MB: seconds of work, time to kill it
+  args = (f"--input={corpus}", "--tokenizer=char", "--chunk_mb=0.5", "--workers=1")
+  assert prepare_cli(*args, f"--output={tmp_path / 'whole'}").returncode == 0
+  out = tmp_path / "killed"
+  command = [sys.executable, "-m", "decoderjax.prepare", *args, f"--output={out}"]
+  proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    done = [n for n in os.listdir(out / "shards")] if (out / "shards").exists() else []
+    if sum(n.endswith(".json") for n in done) >= 3:
+      break
+    time.sleep(0.005)
+  proc.kill()  # SIGKILL: no clean-up of whatever it was writing
+  assert proc.wait() == -9, "prepare finished before it could be killed"
+  assert not (out / "manifest.json").exists()
+  assert prepare_cli(*args, f"--output={out}").returncode == 0
+  finished = {k: v for k, v in tree_digest(out).items() if ".tmp" not in k}
+  assert finished == tree_digest(tmp_path / "whole")
 
 
 @pytest.mark.parametrize("suffix", ["jsonl.gz", "jsonl.zst", "parquet"])
