@@ -203,6 +203,15 @@ _GPT2 = dict(
   tie_embeddings=True,
 )
 _LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu")
+_LLAMA31 = dict(  # what Llama-3.1's sizes share
+  **_LLAMA,
+  vocab_size=128256,
+  max_seq_len=131072,
+  num_kv_heads=8,
+  rope_theta=500_000.0,
+  rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+  tie_embeddings=False,
+)
 
 PRESETS: dict[str, ModelConfig] = {
   # Tiny shapes for tests and laptops.
@@ -250,30 +259,10 @@ PRESETS: dict[str, ModelConfig] = {
     rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
   ),
   "llama-3.1-8b": ModelConfig(
-    **_LLAMA,
-    vocab_size=128256,
-    max_seq_len=131072,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    embed_dim=4096,
-    mlp_dim=14336,
-    rope_theta=500_000.0,
-    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-    tie_embeddings=False,
+    **_LLAMA31, num_layers=32, num_heads=32, embed_dim=4096, mlp_dim=14336
   ),
   "llama-3.1-70b": ModelConfig(
-    **_LLAMA,
-    vocab_size=128256,
-    max_seq_len=131072,
-    num_layers=80,
-    num_heads=64,
-    num_kv_heads=8,
-    embed_dim=8192,
-    mlp_dim=28672,
-    rope_theta=500_000.0,
-    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-    tie_embeddings=False,
+    **_LLAMA31, num_layers=80, num_heads=64, embed_dim=8192, mlp_dim=28672
   ),
   "mistral-7b": ModelConfig(
     **_LLAMA,
