@@ -207,7 +207,7 @@ def _prepared_cache(cfg: DataConfig, inputs: str, cache_dir: str, tokenizer) -> 
     tokenizer_path=cfg.tokenizer_path,
     vocab_size=cfg.vocab_size,
     tfds_data_dir=cfg.tfds_data_dir,
-    format="jsonl" if cfg.source == "jsonl" else "auto",
+    format="jsonl" if cfg.source == "jsonl" else "text",  # for names that say neither
   )
   directory = os.path.join(cache_dir, f"prepared-{preparation.cache_key(spec, tokenizer)}")
   preparation.prepare(spec, directory, tokenizer=tokenizer, quiet=True)

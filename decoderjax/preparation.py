@@ -38,7 +38,7 @@ class PrepareConfig:
   tokenizer_sample_mb: float = 20.0  # text a SentencePiece model is trained on, spread over units
   chunk_mb: float = 16.0  # input per shard (a unit of work)
   tfds_data_dir: str = ""
-  format: str = "auto"  # text, jsonl or parquet for every file; auto: by file name
+  format: str = "text"  # how a file whose name says no format (.jsonl, .parquet, ...) is read
 
 
 def prepare(

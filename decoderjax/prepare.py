@@ -36,7 +36,9 @@ _SAMPLE_MB = flags.DEFINE_float(
   "tokenizer_sample_mb", 20.0, "Text a SentencePiece model is trained on, spread over the input."
 )
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSONL field / Parquet column / feature.")
-_FORMAT = flags.DEFINE_enum("format", "auto", sources.FORMATS, "Input format (auto: by name).")
+_FORMAT = flags.DEFINE_enum(
+  "format", "text", sources.FORMATS, "How to read a file whose name says no format."
+)
 _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Tokenizing processes.")
 _CHUNK_MB = flags.DEFINE_float("chunk_mb", 16.0, "Input per shard (one unit of work).")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data directory.")

@@ -39,8 +39,9 @@ class Unit:
     return f"{self.file_index:05d}-{self.part:05d}"
 
 
-def file_kind(path: str) -> str:
-  """text, jsonl or parquet, from the name (a .gz / .zst suffix is looked through)."""
+def file_kind(path: str, unnamed: str = "text") -> str:
+  """text, jsonl or parquet, from the name (a .gz / .zst suffix is looked through); a name that
+  says none of them (.txt says text) is read as `unnamed`."""
   base = path
   for suffix in COMPRESSED:
     if base.endswith(suffix):
@@ -49,7 +50,7 @@ def file_kind(path: str) -> str:
     return PARQUET
   if base.endswith((".jsonl", ".json", ".ndjson")):
     return JSONL
-  return TEXT
+  return TEXT if base.endswith(".txt") else unnamed
 
 
 def expand(inputs: str) -> list[str]:
@@ -67,19 +68,19 @@ def expand(inputs: str) -> list[str]:
   return sorted(dict.fromkeys(os.path.abspath(p) for p in paths))
 
 
-FORMATS = ("auto", TEXT, JSONL, PARQUET)
+FORMATS = (TEXT, JSONL, PARQUET)
 
 
-def plan_units(inputs: str, chunk_bytes: int, tfds_data_dir: str = "", fmt="auto") -> list[Unit]:
-  """The units of `inputs`: comma-separated globs, or `tfds:NAME[:SPLIT]`. `fmt` reads every
-  file as that format ("auto": by its name)."""
+def plan_units(inputs: str, chunk_bytes: int, tfds_data_dir: str = "", fmt=TEXT) -> list[Unit]:
+  """The units of `inputs`: comma-separated globs, or `tfds:NAME[:SPLIT]`. A file is read by
+  its name's format (.txt, .jsonl, .parquet, ...), else as `fmt`."""
   if fmt not in FORMATS:
     raise ValueError(f"unknown input format {fmt!r}; known: {', '.join(FORMATS)}")
   if inputs.startswith("tfds:"):
     return _tfds_units(inputs[len("tfds:") :], chunk_bytes, tfds_data_dir)
   units = []
   for index, path in enumerate(expand(inputs)):
-    kind, size = (file_kind(path) if fmt == "auto" else fmt), os.path.getsize(path)
+    kind, size = file_kind(path, fmt), os.path.getsize(path)
     if kind == PARQUET:
       units += _parquet_units(path, index, size)
     elif path.endswith(COMPRESSED):

@@ -279,3 +279,16 @@ def test_unit_plan_cuts_text_at_line_ends(tmp_path):
   assert all(raw[u.stop - 1 : u.stop] == b"\n" for u in units)
   pieces = [t for u in units for t, _ in sources.read_unit(u, "text")]
   assert "".join(pieces) == path.read_text()
+
+
+def test_a_files_name_decides_its_format_and_format_covers_the_rest(tmp_path):
+  for name in ("a.txt", "b.jsonl", "c.data", "d.jsonl.gz"):
+    (tmp_path / name).write_bytes(b"")
+  kinds = lambda fmt: {  # noqa: E731
+    os.path.basename(u.path): u.kind for u in sources.plan_units(f"{tmp_path}/*", 1 << 20, fmt=fmt)
+  }
+  expected = {"a.txt": "text", "b.jsonl": "jsonl", "c.data": "text", "d.jsonl.gz": "jsonl"}
+  assert kinds("text") == expected
+  assert kinds("jsonl")["c.data"] == "jsonl" and kinds("jsonl")["a.txt"] == "text"
+  with pytest.raises(ValueError, match="unknown input format 'csv'"):
+    sources.plan_units(f"{tmp_path}/*", 1 << 20, fmt="csv")
