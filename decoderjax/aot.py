@@ -349,9 +349,10 @@ def forward_flops(cfg, tokens: int, context: int, causal: bool) -> float:
   return tokens * (2 * metrics.matmul_params(cfg) + (attention / 2 if causal else attention))
 
 
-def lower_prefill(exp: Experiment, mesh, batch: int, prompt_len: int, max_new: int):
+def lower_prefill(exp: Experiment, mesh, batch: int, prompt_len: int, max_new: int, params=None):
+  """(lowered prefill, per-chip bytes, model FLOPs); `params`: their sharded shapes, if built."""
   cfg = exp.model
-  params = abstract_params(cfg, mesh, exp.mesh.rules)
+  params = params or abstract_params(cfg, mesh, exp.mesh.rules)
   rng = _replicated(mesh, (), jax.eval_shape(lambda: jax.random.key(0)).dtype)
   prompt = _batch(mesh, (batch, prompt_len), jnp.int32)
   lowered = sampling.prefill.lower(params, cfg, prompt, prompt, rng, max_new, SamplingConfig())
@@ -362,14 +363,14 @@ def lower_prefill(exp: Experiment, mesh, batch: int, prompt_len: int, max_new: i
 def lower_decode(exp: Experiment, mesh, batch: int, prompt_len: int, max_new: int):
   """One decode step (the decode loop's body runs once per token) over a full-length cache."""
   cfg = exp.model
-  prefill, parts, _ = lower_prefill(exp, mesh, batch, prompt_len, max_new)
+  params = abstract_params(cfg, mesh, exp.mesh.rules)
+  prefill, parts, _ = lower_prefill(exp, mesh, batch, prompt_len, max_new, params)
   compiled = prefill.compile()
   state = jax.tree.map(
     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
     prefill.out_info,
     compiled.output_shardings,
   )
-  params = abstract_params(cfg, mesh, exp.mesh.rules)
   until = _replicated(mesh, (), jnp.int32)
   stops = _replicated(mesh, (1,), jnp.int32)
   lowered = sampling.decode.lower(params, cfg, state, until, stops, SamplingConfig())

@@ -24,6 +24,8 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from decoderjax import aot, cli, experiment, modeldir  # noqa: E402
+from decoderjax.progress import format_bytes as size  # noqa: E402
+from decoderjax.tokenizer import SENTENCEPIECE_KINDS  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _TOPOLOGY = flags.DEFINE_string(
@@ -42,21 +44,12 @@ _GPU_TARGET = flags.DEFINE_string(
 _OUTPUT_JSON = flags.DEFINE_string("output_json", "", "Write the report here as JSON too.")
 flags.mark_flags_as_required(["config", "topology"])
 
-GiB = 1 << 30
-
-
-def size(n: float) -> str:
-  for scale, unit in ((1 << 40, "TiB"), (GiB, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-    if n >= scale:
-      return f"{n / scale:.2f} {unit}"
-  return f"{n:.0f} B"
-
 
 def build_experiment(config) -> experiment.Experiment:
   base = modeldir.read_config(config.init_from) if config.get("init_from") else None
   vocab = 0 if base is not None else config.model.get("vocab_size", 0)
   if base is None and not vocab:  # the tokenizer's: known when the config trains one
-    trained = config.data.tokenizer in ("sentencepiece", "spm_bpe", "spm_unigram")
+    trained = config.data.tokenizer in SENTENCEPIECE_KINDS
     vocab = config.data.vocab_size if trained else 0
     if not vocab:
       raise ValueError(

@@ -20,10 +20,9 @@ import numpy as np
 
 from decoderjax import corpus, preparation, shards
 from decoderjax.permutation import Permutation
-from decoderjax.tokenizer import Tokenizer, load_tokenizer
+from decoderjax.tokenizer import SENTENCEPIECE_KINDS, Tokenizer, load_tokenizer
 
 SOURCES = ("default", "text", "jsonl", "tfds", "prepared")
-SPM_KINDS = ("sentencepiece", "spm_bpe", "spm_unigram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +224,7 @@ def open_prepared(directory: str, tokenizer: Tokenizer | None, cfg: DataConfig, 
       f"than the {whose}'s ({tokenizer.kind}, {tokenizer.vocab_size} ids); prepare it with "
       f"--tokenizer=DIR naming the {whose}'s directory"
     )
-  family = "sentencepiece" if cfg.tokenizer in SPM_KINDS else cfg.tokenizer
+  family = "sentencepiece" if cfg.tokenizer in SENTENCEPIECE_KINDS else cfg.tokenizer
   if tokenizer is None and family != tok.kind:
     raise ValueError(
       f"{directory} holds {tok.kind} tokens, but data.tokenizer={cfg.tokenizer!r}; "

@@ -21,11 +21,11 @@ from collections.abc import Iterator
 
 from decoderjax import shards, sources
 from decoderjax.progress import Progress
-from decoderjax.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from decoderjax.tokenizer import SENTENCEPIECE_KINDS, Tokenizer, build_tokenizer, load_tokenizer
 
 SPEC = "prepare.json"
 BATCH_CHARS = 1 << 20  # text handed to the tokenizer's batch call at a time
-TRAINED_KINDS = ("char", "sentencepiece", "spm_bpe", "spm_unigram")
+TRAINED_KINDS = ("char", *SENTENCEPIECE_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +186,7 @@ def _build(cfg: PrepareConfig, units) -> Tokenizer:
   path = cfg.tokenizer_path
   if path and os.path.isdir(path):
     return load_tokenizer(path)
-  if cfg.tokenizer in ("sentencepiece", "spm_bpe", "spm_unigram") and not path:
+  if cfg.tokenizer in SENTENCEPIECE_KINDS and not path:
     if cfg.vocab_size <= 0:
       raise ValueError(f"tokenizer={cfg.tokenizer!r} is trained here and needs a vocab_size > 0")
     texts = _sample(units, cfg, int(cfg.tokenizer_sample_mb * (1 << 20)))
@@ -212,7 +212,10 @@ def _finish(output: str, cfg: PrepareConfig, units, tok: Tokenizer, dtype) -> di
   records = [shards.shard_record(output, u.name, verify=False) for u in units]
   missing = sum(r is None for r in records)
   if missing:
-    print(f"{missing} shards of other processes still missing; the last one writes the manifest")
+    print(
+      f"{missing} shards of other processes still missing; the last one writes the manifest",
+      file=sys.stderr,
+    )
     return None
   if not any(r["unit"]["nonblank"] for r in records):
     raise ValueError(f"{cfg.inputs!r} holds no text")

@@ -7,6 +7,14 @@ import sys
 import time
 
 
+def format_bytes(n: float, digits: int = 2) -> str:
+  """1536 -> '1.50 KiB': binary units, from bytes to TiB."""
+  for scale, unit in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+    if n >= scale:
+      return f"{n / scale:.{digits}f} {unit}"
+  return f"{n:.0f} B"
+
+
 class Progress:
   """`update(done)` with a running amount out of `total` (bytes when `unit` is "B")."""
 
@@ -18,12 +26,7 @@ class Progress:
     self.done = 0.0
 
   def _amount(self, x: float) -> str:
-    if self.unit != "B":
-      return f"{x:,.0f} {self.unit}"
-    for scale, name in ((1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "KB")):
-      if x >= scale:
-        return f"{x / scale:.1f} {name}"
-    return f"{x:.0f} B"
+    return format_bytes(x, 1) if self.unit == "B" else f"{x:,.0f} {self.unit}"
 
   def line(self) -> str:
     elapsed = time.perf_counter() - self.t0

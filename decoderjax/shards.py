@@ -134,6 +134,14 @@ def verify(directory: str) -> dict:
   return manifest
 
 
+def contiguous(index: slice, n: int) -> tuple[int, int]:
+  """(start, stop) of a step-1 slice of a stream of n tokens (stop >= start)."""
+  if not isinstance(index, slice) or index.step not in (None, 1):
+    raise TypeError("a token stream reads contiguous slices")
+  start, stop, _ = index.indices(n)
+  return start, max(start, stop)
+
+
 class TokenStore:
   """The token stream of a prepared directory: `store[a:b]` reads tokens a..b-1 as int32.
 
@@ -186,10 +194,7 @@ class TokenStore:
     return out.astype(np.int32)
 
   def __getitem__(self, index: slice) -> np.ndarray:
-    if not isinstance(index, slice) or index.step not in (None, 1):
-      raise TypeError("a token stream reads contiguous slices")
-    start, stop, _ = index.indices(len(self))
-    return self.read(start, stop)
+    return self.read(*contiguous(index, len(self)))
 
   def close(self) -> None:
     for fd in self._fds.values():
@@ -211,7 +216,5 @@ class TokenView:
     return self.stop - self.start
 
   def __getitem__(self, index: slice) -> np.ndarray:
-    if not isinstance(index, slice) or index.step not in (None, 1):
-      raise TypeError("a token stream reads contiguous slices")
-    start, stop, _ = index.indices(len(self))
-    return self.store.read(self.start + start, self.start + max(start, stop))
+    start, stop = contiguous(index, len(self))
+    return self.store.read(self.start + start, self.start + stop)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 
 CONFIG_FILE = "tokenizer_config.json"
+SENTENCEPIECE_KINDS = ("sentencepiece", "spm_bpe", "spm_unigram")  # data.tokenizer names
 
 
 class Tokenizer:
@@ -268,7 +269,7 @@ def build_tokenizer(kind: str, texts: list[str], vocab_size: int = 0, path: str 
     return CharTokenizer.train(texts)
   if kind == "byte":
     return ByteTokenizer()
-  if kind in ("sentencepiece", "spm_bpe", "spm_unigram"):
+  if kind in SENTENCEPIECE_KINDS:
     if path:
       return SentencePieceTokenizer.from_file(path)
     model_type = "unigram" if kind == "spm_unigram" else "bpe"
