@@ -24,8 +24,7 @@ import time
 import jax
 import numpy as np
 
-from decoderjax import convert, modeldir, quant, sampling
-from decoderjax import model as model_lib
+from decoderjax import convert, layout, modeldir, quant, sampling
 from decoderjax.sampling import SamplingConfig
 
 SMOLLM2_135M = dict(
@@ -119,7 +118,7 @@ def worker(args) -> dict:
       model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return bench_transformers(model, prompt, args.new_tokens, args.repeats)
   ours = modeldir.load_model_dir(args.dir)
-  params, cfg = model_lib.for_generation(ours.params, ours.config)  # as the generate binary does
+  params, cfg = layout.for_generation(ours.params, ours.config)  # as the generate binary does
   return bench_decoderjax(params, cfg, prompt, args.new_tokens, args.repeats)
 
 

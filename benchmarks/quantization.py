@@ -28,8 +28,7 @@ import tempfile
 import jax
 import numpy as np
 
-from decoderjax import model as model_lib
-from decoderjax import modeldir, pruning
+from decoderjax import layout, modeldir, pruning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +59,7 @@ def worker(directory: str, text: str, prompt_len: int, new_tokens: int, kv_cache
   weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
   zeros, size = pruning.sparsity_of(model.params)
   sparsity = zeros / size if cfg.quant == "none" else None  # packed values are not weights
-  params, cfg = model_lib.for_generation(model.params, cfg)  # as the generate binary does
+  params, cfg = layout.for_generation(model.params, cfg)  # as the generate binary does
   figures = bench_decoderjax(params, cfg, prompt, new_tokens, repeats=3, keep_tokens=True)
   return {**figures, "weight_bytes": weights, "peak_rss": peak_rss(), "sparsity": sparsity}
 

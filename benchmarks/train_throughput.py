@@ -77,7 +77,8 @@ def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None, next_b
   import jax
   import numpy as np
 
-  from decoderjax import data, experiment, sharding, trainer
+  from decoderjax import data, experiment, sharding
+  from decoderjax import state as state_lib
   from decoderjax.optimizer import OptimizerConfig, make_optimizer, make_schedule
   from decoderjax.steps import LossConfig, train_step
 
@@ -89,8 +90,8 @@ def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None, next_b
   mesh = sharding.make_mesh(exp.mesh)
   optimizer = make_optimizer(exp.optimizer, 1000)
   with sharding.activate(mesh, exp.mesh.rules):
-    layout = trainer.state_shardings(exp, optimizer, mesh)
-    state, frozen = trainer.init_state(exp, optimizer, mesh)
+    layout = state_lib.state_shardings(exp, optimizer, mesh)
+    state, frozen = state_lib.init_state(exp, optimizer, mesh)
     fn = jax.jit(
       functools.partial(
         train_step, cfg=cfg, optimizer=optimizer, loss_cfg=exp.loss,

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from decoderjax import chips, metrics, sampling, sharding, trainer
+from decoderjax import chips, metrics, sampling, sharding
+from decoderjax import state as state_lib
 from decoderjax.experiment import Experiment
+from decoderjax.model import param_shapes
 from decoderjax.sampling import SamplingConfig
 
 # Accelerator types (gcloud's names) -> topology. v4 and v5p count TensorCores (two per chip),
@@ -319,14 +321,14 @@ def _batch(mesh, shape, dtype):
 
 def lower_train(exp: Experiment, mesh):
   """(lowered train step, per-chip bytes of its parameters and optimizer state, model FLOPs)."""
-  optimizer = trainer.experiment_optimizer(exp)
-  layout = trainer.state_shardings(exp, optimizer, mesh)
+  optimizer = state_lib.experiment_optimizer(exp)
+  layout = state_lib.state_shardings(exp, optimizer, mesh)
   b, t = exp.train.batch_size, exp.data.seq_len
   fields = ("inputs", "targets", "segment_ids", "positions")
   batch = {k: _batch(mesh, (b, t), jnp.int32) for k in fields}
   batch["weights"] = _batch(mesh, (b, t), jnp.float32)
   state = layout["state_abstract"]
-  lowered = trainer.jit_train_step(exp, optimizer, layout, mesh).lower(
+  lowered = state_lib.jit_train_step(exp, optimizer, layout, mesh).lower(
     state, batch, layout["frozen_abstract"]
   )
   parts = {
@@ -339,7 +341,7 @@ def lower_train(exp: Experiment, mesh):
 
 
 def abstract_params(cfg, mesh, rules):
-  boxed = jax.eval_shape(lambda: trainer.params_init(cfg)(jax.random.key(0)))
+  boxed = param_shapes(cfg)
   return sharding.abstract_sharded(boxed, mesh, rules)[1]
 
 

@@ -4,6 +4,7 @@ and JAX's persistent compilation cache."""
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import sys
 
@@ -87,6 +88,12 @@ def enable_compilation_cache(directory: str | None) -> None:
     )
   off = directory.lower() == "none"
   jax.config.update("jax_compilation_cache_dir", None if off else directory)
+
+
+def write_json(path: str, values) -> None:
+  """What --output_json asks for: `values` as indented JSON at `path`."""
+  with open(path, "w") as f:
+    json.dump(values, f, indent=2)
 
 
 def run(main, compiles: bool = True) -> None:

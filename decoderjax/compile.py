@@ -13,7 +13,6 @@ over the chip's published peak, ICI / DCN and HBM bandwidth. Any config override
 
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; libtpu compiles
@@ -103,8 +102,7 @@ def main(argv):
   )  # fmt: skip
   print(describe(r))
   if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump(r.to_dict(), f, indent=2)
+    cli.write_json(_OUTPUT_JSON.value, r.to_dict())
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ class ModelConfig:
   # Pruned models (python -m decoderjax.prune): fine-tuning keeps their zero weights at zero.
   pruning: str = "none"  # "none", "unstructured" or "N:M"
   kv_cache: str = "auto"  # one of KV_CACHES: the compute dtype, or int8 with per-slot scales
-  # Projection weights stored [out, in] (model.for_generation sets it for float32 generation on
+  # Projection weights stored [out, in] (layout.for_generation sets it for float32 generation on
   # CPU; never written by to_dict):
   weights_out_in: bool = False
 
@@ -164,6 +164,11 @@ class ModelConfig:
   @property
   def head_size(self) -> int:
     return self.head_dim or self.embed_dim // self.num_heads
+
+  @property
+  def text_len(self) -> int:
+    """Positions a row's tokens can use: the soft prompt takes the first `prompt_tokens`."""
+    return self.max_seq_len - self.prompt_tokens
 
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)

@@ -34,7 +34,7 @@ flags.mark_flag_as_required("checkpoint")
 
 def row_length(model, meta: dict) -> int:
   """Rows as long as in training (config.json "seq_len"), else as the model allows."""
-  room = model.config.max_seq_len - model.config.prompt_tokens
+  room = model.config.text_len
   return min(_SEQ_LEN.value or meta.get("seq_len") or room, room)
 
 
@@ -57,8 +57,8 @@ def main(argv):
   if (_TEXT_FILE.value is None) == (_DATA_PATH.value is None):
     raise ValueError("give exactly one of --text_file (plain text) or --data_path (records)")
   mesh = _MESH()
-  meta = modeldir.read_metadata(_CHECKPOINT.value)
   model = modeldir.load_model_dir(_CHECKPOINT.value, mesh)
+  meta = model.metadata
   tok, seq_len = model.tokenizer, row_length(model, meta)
   fields = dataclasses.replace(data.DataConfig(), **meta.get("data_fields", {}))
   if model.config.num_labels:
@@ -83,8 +83,7 @@ def main(argv):
     result = score(model, data.eval_batches(tokens, seq_len, _BATCH.value, tok.eos_id), mesh)
   print(json.dumps(result))
   if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump(result, f, indent=2)
+    cli.write_json(_OUTPUT_JSON.value, result)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def contract_out_in(
 def projection(module: nn.Module, name: str, x: Array, shape, axes, in_dims: int = 1, init=None):
   """x [..., *in] times the matmul weight `name` of `shape` (*in, *out) -> [..., *out].
 
-  With `weights_out_in` (generation on CPU, model.for_generation) the weight is stored
+  With `weights_out_in` (generation on CPU, layout.for_generation) the weight is stored
   transposed, [*out, *in], and contracted by contract_out_in.
   """
   if not module.config.weights_out_in:

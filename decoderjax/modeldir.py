@@ -22,14 +22,14 @@ import shutil
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from decoderjax import adapters
+from decoderjax import adapters, checkpoints
 from decoderjax import sharding as sharding_lib
+from decoderjax.checkpoints import CHECKPOINTS_DIR
 from decoderjax.config import ModelConfig
-from decoderjax.model import Decoder
+from decoderjax.model import param_shapes
 from decoderjax.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -37,9 +37,7 @@ CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation.json"
 TOKENIZER_DIR = "tokenizer"
 PARAMS_DIR = "params"
-CHECKPOINTS_DIR = "checkpoints"
 SAVE_CHUNK_BYTES = 64 << 20  # zarr chunks of `params/`: what a save holds per array in flight
-BEST_METRIC = "objective"  # what the best checkpoint minimizes (val_loss, or -accuracy, ...)
 
 DEFAULT_GENERATION = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "max_new_tokens": 256}
 
@@ -51,6 +49,7 @@ class ModelDir:
   tokenizer: Tokenizer
   generation: dict
   labels: list[str] | None = None  # a classifier's label names
+  metadata: dict = dataclasses.field(default_factory=dict)  # config.json, as read_metadata gives
 
 
 def write_metadata(
@@ -97,8 +96,7 @@ def read_config(directory: str) -> ModelConfig:
 
 def abstract_params(cfg: ModelConfig, mesh=None, rules=sharding_lib.DEFAULT_RULES):
   """Shapes and dtypes of the parameters (no memory), placed on one device or over `mesh`."""
-  init = lambda: Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  boxed = jax.eval_shape(init)
+  boxed = param_shapes(cfg)
   if mesh is not None:
     return sharding_lib.abstract_sharded(boxed, mesh, rules)[1]
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -153,7 +151,7 @@ def export_model_dir(source: str, output: str, transform=None) -> ModelDir:
   `transform(model) -> (config, params)` changes the model on the way (quantization).
   """
   model = load_model_dir(source)
-  meta = read_metadata(source)
+  meta = model.metadata
   cfg, params = transform(model) if transform else (model.config, model.params)
   check_shapes(params, abstract_params(cfg), source)
   extra = {key: meta.get(key) for key in KEPT_EXTRAS}
@@ -163,33 +161,17 @@ def export_model_dir(source: str, output: str, transform=None) -> ModelDir:
   return model
 
 
-def checkpoint_manager(directory: str, keep: int = 3, keep_best: bool = True, read_only=False):
-  """The Orbax manager of a training workdir: keeps the last `keep` steps and the best one."""
-  policies = [ocp.checkpoint_managers.LatestN(n=keep)]
-  if keep_best:
-    policies.append(
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1)
-    )
-  options = ocp.CheckpointManagerOptions(
-    best_fn=lambda m: m[BEST_METRIC],
-    best_mode="min",
-    preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-    read_only=read_only,
-    create=not read_only,
-  )
-  return ocp.CheckpointManager(
-    os.path.abspath(os.path.join(directory, CHECKPOINTS_DIR)), options=options
-  )
-
-
 def load_params(directory: str, cfg: ModelConfig, mesh=None, step: int | None = None, rules=None):
   """Parameters of a model directory: `params/`, else the best (or latest) training step.
 
   With a mesh, each parameter is restored directly into its sharding (resharding on load). An
   adapter directory's own parameters are combined with its base model's.
   """
+  return _load_params(directory, read_metadata(directory), cfg, mesh, step, rules)
+
+
+def _load_params(directory: str, meta: dict, cfg: ModelConfig, mesh, step, rules):
   rules = rules or sharding_lib.DEFAULT_RULES
-  meta = read_metadata(directory)
   target = abstract_params(cfg, mesh, rules)
   if meta.get("base"):
     target, frozen = adapters.split_trainable(target, meta["method"])
@@ -202,7 +184,8 @@ def load_params(directory: str, cfg: ModelConfig, mesh=None, step: int | None = 
 
 def load_base(directory: str, like, mesh=None, rules=None) -> dict:
   """The parameters of base model `directory` that the tree `like` has (a fine-tune's base)."""
-  base = load_params(directory, read_config(directory), mesh, rules=rules)
+  meta = read_metadata(directory)
+  base = _load_params(directory, meta, meta["model"], mesh, None, rules)
   kept, _ = adapters.partition_like(base, like)
   _, missing = adapters.partition_like(like, kept)
   if missing:
@@ -233,13 +216,12 @@ def _restore(directory: str, target, step: int | None):
     raise FileNotFoundError(
       f"{directory} holds no parameters ({PARAMS_DIR}/ or {CHECKPOINTS_DIR}/)"
     )
-  with checkpoint_manager(directory, read_only=True) as mngr:
+  with checkpoints.manager(directory, read_only=True) as mngr:
     if step is None:
-      step = mngr.best_step() if mngr.best_step() is not None else mngr.latest_step()
+      step = checkpoints.best_or_latest(mngr)
     if step is None:
       raise FileNotFoundError(f"{directory}/{CHECKPOINTS_DIR} holds no complete checkpoint")
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  return restored["params"]
+    return checkpoints.restore_params(mngr, step, target)
 
 
 def load_model_dir(directory: str, mesh=None, merge_lora: bool = True) -> ModelDir:
@@ -253,7 +235,7 @@ def load_model_dir(directory: str, mesh=None, merge_lora: bool = True) -> ModelD
       f"vocab_size {cfg.vocab_size}"
     )
   generation = {**DEFAULT_GENERATION, **read_generation(directory)}
-  params = load_params(directory, cfg, mesh)
+  params = _load_params(directory, meta, cfg, mesh, None, None)
   if merge_lora:
     params, cfg = adapters.merge_lora(params, cfg)
-  return ModelDir(cfg, params, tokenizer, generation, meta.get("labels"))
+  return ModelDir(cfg, params, tokenizer, generation, meta.get("labels"), meta)

@@ -7,8 +7,6 @@ writes [{"text", "label", "probability", "probabilities": {label: p}}].
 
 from __future__ import annotations
 
-import json
-
 import jax
 import numpy as np
 from absl import flags
@@ -46,12 +44,12 @@ def read_texts() -> list[tuple[str, str]]:
 def main(argv):
   del argv
   mesh = _MESH()
-  meta = modeldir.read_metadata(_CHECKPOINT.value)
   model = modeldir.load_model_dir(_CHECKPOINT.value, mesh)
+  meta = model.metadata
   if not model.config.num_labels:
     raise ValueError(f"{_CHECKPOINT.value} is not a classifier (no labels)")
   texts = read_texts()
-  room = model.config.max_seq_len - model.config.prompt_tokens
+  room = model.config.text_len
   rows, _ = tasks.text_rows(texts, model.tokenizer, min(meta.get("seq_len") or room, room))
   cfg = model.config
   probs_fn = jax.jit(
@@ -75,8 +73,7 @@ def main(argv):
     )
     print(f"{model.labels[best]}\t{p[best]:.4f}\t{text}", flush=True)
   if _OUTPUT_JSON.value:
-    with open(_OUTPUT_JSON.value, "w") as f:
-      json.dump(results, f, indent=2)
+    cli.write_json(_OUTPUT_JSON.value, results)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 `prefill` runs the (left-padded, length-bucketed) prompts into a fresh cache; `decode` samples
 inside a `lax.while_loop` up to a step limit, so the host can stream tokens chunk by chunk and
-stop rows on stop strings without recompiling; `beam_search` follows transformers' beam search.
+stop rows on stop strings without recompiling. Beam search is beam.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decoderjax.cache import KVCache, init_cache
 from decoderjax.config import ModelConfig
-from decoderjax.model import Decoder, KVCache, init_cache
+from decoderjax.model import Decoder
 
 Array = jax.Array
 NEG_INF = -1.0e9  # transformers' "impossible" score, kept for identical beam bookkeeping
@@ -142,12 +143,13 @@ def new_tokens(tokens_N, length: int, stop_ids) -> list[int]:
   return [int(t) for t in tokens_N[:length] if int(t) not in stop_ids]
 
 
-def _prompt_positions(mask_BT: Array) -> Array:
+def prompt_positions(mask_BT: Array) -> Array:
   """Positions of left-padded prompts: 0 at each row's first real token."""
   return jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
 
 
-def _forward(params, cfg, tokens_BT, positions_BT, segments_BT, cache, start=False):
+def cached_forward(params, cfg, tokens_BT, positions_BT, segments_BT, cache, start=False):
+  """The model over `cache` -> (logits, the cache with these tokens written)."""
   return Decoder(cfg).apply(
     {"params": params},
     tokens_BT,
@@ -172,8 +174,8 @@ def prefill(
   """Left-padded prompts into a fresh cache of T + max_new_tokens slots -> the decode state."""
   b, t = prompt_BT.shape
   cache = init_cache(cfg, b, cfg.prompt_tokens + t + max_new_tokens)
-  positions_BT = _prompt_positions(mask_BT)
-  logits_BTV, cache = _forward(params, cfg, prompt_BT, positions_BT, mask_BT, cache, True)
+  positions_BT = prompt_positions(mask_BT)
+  logits_BTV, cache = cached_forward(params, cfg, prompt_BT, positions_BT, mask_BT, cache, True)
   v = logits_BTV.shape[-1] if sampling.penalized else 0
   seen_BV = jnp.zeros((b, v), bool)
   if v:
@@ -215,7 +217,7 @@ def decode(
     counts_BV = s.counts
     if sampling.penalized:
       counts_BV = counts_BV.at[rows_B, token_B].add(jnp.where(s.done, 0, 1))
-    logits_B1V, cache = _forward(
+    logits_B1V, cache = cached_forward(
       params, cfg, token_B[:, None], s.position[:, None], jnp.ones((b, 1), jnp.int32), s.cache
     )
     return DecodeState(
@@ -310,102 +312,3 @@ def compile_programs(params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampl
   )
   decode_fn = decode.lower(params, cfg, state, 0, stop_array(stop_ids), sampling).compile()
   return prefill_fn, decode_fn
-
-
-@functools.partial(
-  jax.jit,
-  static_argnames=("cfg", "max_new_tokens", "num_beams", "length_penalty", "early_stopping"),
-)
-def beam_search(
-  params,
-  cfg: ModelConfig,
-  prompt_BT: Array,
-  mask_BT: Array,
-  stop_ids: Array,
-  max_new_tokens: int,
-  num_beams: int,
-  length_penalty: float = 1.0,
-  early_stopping: bool | str = False,
-  pad_id: int = 0,
-) -> tuple[Array, Array, Array]:
-  """Beam search as transformers does it -> (best tokens [B, N], lengths [B], scores [B]).
-
-  Each step keeps the top 2K (more with several stop ids) continuations of all K beams; those
-  ending in a stop token (or at `max_new_tokens`) compete for the K finished hypotheses with
-  score sum(log p) / length ** length_penalty, the rest continue as the K running beams.
-  `early_stopping`: True stops once K hypotheses are finished; False stops when the best
-  running beam can no longer beat them at its current length; "never" at its best length.
-  """
-  b, t = prompt_BT.shape
-  k, n = num_beams, max_new_tokens
-  keep = max(2, 1 + stop_ids.shape[0]) * k
-  repeat = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B * K, ...], beams of a row together
-  cache = init_cache(cfg, b * k, cfg.prompt_tokens + t + n)
-  positions_BT = _prompt_positions(mask_BT)
-  logits_BTV, cache = _forward(
-    params, cfg, repeat(prompt_BT), repeat(positions_BT), repeat(mask_BT), cache, True
-  )
-  v = logits_BTV.shape[-1]
-  top_k_mask = (jnp.arange(keep) < k)[None, :]
-  rows_B1 = jnp.arange(b)[:, None]
-
-  def gather(x_BK, index_BJ):  # beams of each row, chosen by index
-    return x_BK[rows_B1, index_BJ]
-
-  def step(s):
-    i, cache, logits_XV, running, running_scores, seqs, scores, finished, open_B1, _ = s
-    log_probs_BKV = jax.nn.log_softmax(logits_XV.astype(jnp.float32), -1).reshape(b, k, v)
-    flat_BKV = (log_probs_BKV + running_scores[:, :, None]).reshape(b, k * v)
-    top_scores, top_index = jax.lax.top_k(flat_BKV, keep)
-    beam_BJ, token_BJ = top_index // v, top_index % v
-    candidates = gather(running, beam_BJ).at[:, :, i].set(token_BJ)  # [B, 2K, N]
-    hits_BJ = jnp.isin(token_BJ, stop_ids) | (i + 1 >= n)
-    # The K best continuations that did not stop run on.
-    live = top_scores + hits_BJ * NEG_INF
-    live_scores, live_index = jax.lax.top_k(live, k)
-    running, running_scores = gather(candidates, live_index), live_scores
-    # Stopped continuations among the top K join the finished hypotheses if good enough.
-    final = top_scores / ((i + 1.0) ** length_penalty)
-    if early_stopping is True:
-      final += jnp.all(finished, axis=1, keepdims=True) * NEG_INF
-    final += ~open_B1 * NEG_INF
-    final += ~(hits_BJ & top_k_mask) * NEG_INF
-    merged_scores = jnp.concatenate([scores, final], axis=1)
-    best_scores, best = jax.lax.top_k(merged_scores, k)
-    seqs = gather(jnp.concatenate([seqs, candidates], axis=1), best)
-    finished = gather(jnp.concatenate([finished, hits_BJ & top_k_mask], axis=1), best)
-    scores = best_scores
-    # Reorder the cache to the surviving beams and feed their new tokens.
-    source_X = (rows_B1 * k + gather(beam_BJ, live_index)).reshape(-1)
-    cache = cache.select_rows(source_X)
-    new_X = gather(token_BJ, live_index).reshape(-1)
-    position_X = repeat(positions_BT[:, -1]) + i + 1
-    logits_X1V, cache = _forward(
-      params, cfg, new_X[:, None], position_X[:, None], jnp.ones((b * k, 1), jnp.int32), cache
-    )
-    i = i + 1
-    best_length = n if (early_stopping == "never" and length_penalty > 0) else i
-    best_running_B1 = running_scores[:, :1] / (best_length**length_penalty)
-    worst_BK = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG_INF)
-    open_B1 = open_B1 & jnp.any(best_running_B1 > worst_BK, axis=1, keepdims=True)
-    all_hit = jnp.all(hits_BJ)  # every continuation stopped: nothing left to extend
-    return (i, cache, logits_X1V[:, 0], running, running_scores, seqs, scores, finished, open_B1,
-            all_hit)  # fmt: skip
-
-  def keep_going(s):
-    i, finished, open_B1, all_hit = s[0], s[7], s[8], s[9]
-    stop_all = jnp.all(finished) & (early_stopping is True)
-    return (i < n) & jnp.any(open_B1) & ~stop_all & ~all_hit
-
-  running = jnp.full((b, k, n), pad_id, jnp.int32)
-  running_scores = jnp.zeros((b, k)).at[:, 1:].set(NEG_INF)  # first step: one beam, no copies
-  state = (
-    jnp.zeros((), jnp.int32), cache, logits_BTV[:, -1], running, running_scores, running,
-    jnp.full((b, k), NEG_INF), jnp.zeros((b, k), bool), jnp.ones((b, 1), bool),
-    jnp.zeros((), bool),
-  )  # fmt: skip
-  final = jax.lax.while_loop(keep_going, step, state)
-  seqs, scores = final[5][:, 0], final[6][:, 0]
-  stops_BN = jnp.isin(seqs, stop_ids)
-  lengths = jnp.where(stops_BN.any(axis=1), jnp.argmax(stops_BN, axis=1) + 1, n)
-  return seqs, lengths, scores

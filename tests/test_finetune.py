@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import shakespeare_tasks  # noqa: E402
 
-from decoderjax import adapters, modeldir, pruning  # noqa: E402
+from decoderjax import adapters, checkpoints, modeldir, pruning  # noqa: E402
 from decoderjax.steps import forward  # noqa: E402
 
 PLAYS = ("hamlet", "macbeth")
@@ -140,7 +140,7 @@ def test_lora_classification_end_to_end(tmp_path, base, task_files):
   assert any(np.abs(x).max() > 0 for p, x in jax.tree_util.tree_flatten_with_path(trainable)[0]
              if "lora_b" in jax.tree_util.keystr(p))  # fmt: skip
   base_size = param_bytes(modeldir.load_model_dir(base).params)
-  best = modeldir.checkpoint_manager(workdir, read_only=True).best_step()
+  best = checkpoints.manager(workdir, read_only=True).best_step()
   adapter_dir = os.path.join(workdir, "checkpoints", str(best), "params")
   assert disk_bytes(adapter_dir) < 0.05 * base_size, (disk_bytes(adapter_dir), base_size)
   assert tuned.labels == list(PLAYS)

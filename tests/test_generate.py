@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from decoderjax import convert, modeldir, sampling
+from decoderjax.beam import beam_search
 from decoderjax.config import get_preset
 from decoderjax.model import Decoder
 from decoderjax.sampling import SamplingConfig
@@ -209,7 +210,7 @@ def test_beam_search_matches_transformers(converted, length_penalty, early_stopp
     expected = hf_generate(model, PROMPT, eos, max_new_tokens=n, num_beams=beams, **kwargs)
     tokens, mask = sampling.left_pad(PROMPT)
     stop = jnp.asarray([-1 if eos is None else eos], jnp.int32)
-    got, lengths, _ = sampling.beam_search(
+    got, lengths, _ = beam_search(
       ours.params, ours.config, tokens, mask, stop, n, beams, length_penalty, early_stopping
     )
     length = int(lengths[0])
@@ -302,9 +303,7 @@ def test_generate_cli_beam_search_and_interactive(char_model, tmp_path):
                       "--ignore_eos", f"--output_json={tmp_path / 'a'}")  # fmt: skip
   assert beam.returncode == 0, beam.stderr
   tokens, mask = sampling.left_pad([tok.encode("abc")], 16)
-  expected, _, _ = sampling.beam_search(
-    params, cfg, tokens, mask, jnp.asarray([-1], jnp.int32), 12, 3
-  )
+  expected, _, _ = beam_search(params, cfg, tokens, mask, jnp.asarray([-1], jnp.int32), 12, 3)
   assert json.loads((tmp_path / "a").read_text())[0]["tokens"] == np.asarray(expected)[0].tolist()
 
   chat = run_generate(directory, "--interactive", "--max_new_tokens=5", stdin="abc\nkl\n\n")

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import reference
 
-from decoderjax import attention
+from decoderjax import attention, layout
 from decoderjax import model as model_lib
 from decoderjax.attention import xla_attention
+from decoderjax.cache import init_cache
 from decoderjax.config import ModelConfig, RopeScaling, get_preset
 from decoderjax.layers import WEIGHT_FIRST_MAX_ROWS, contract_out_in, rope_frequencies
-from decoderjax.model import Decoder, count_params, init_cache, stack_layers, unstack_layers
+from decoderjax.layout import stack_layers, unstack_layers
+from decoderjax.model import Decoder, count_params
 
 VARIANTS = {
   "gpt2": get_preset("tiny-gpt2", num_layers=2),
@@ -128,7 +130,7 @@ def test_generation_layouts_decode_alike(monkeypatch, kv_cache):
   toks = tokens(cfg, b=2, t=12)
   want, want_cache = _decode(cfg, params, toks)
   copy = jax.tree.map(jnp.array, params)
-  per_layer, per_layer_cfg = model_lib.for_generation(copy, cfg)
+  per_layer, per_layer_cfg = layout.for_generation(copy, cfg)
   assert not per_layer_cfg.scan_layers and "layers_1" in per_layer
   assert per_layer_cfg.weights_out_in  # on CPU, projections stored [out, in]
   n, h, d = cfg.num_heads, cfg.head_size, cfg.embed_dim
@@ -167,8 +169,8 @@ def test_contract_out_in_matches_matmul(rows):
 def test_out_in_weights_are_for_float32_generation_only():
   cfg = VARIANTS["llama-gqa"].replace(scan_layers=False)
   quantized, bf16 = cfg.replace(quant="int8"), cfg.replace(dtype="bfloat16")
-  assert not model_lib.for_generation({}, quantized)[1].weights_out_in
-  assert not model_lib.for_generation({}, bf16)[1].weights_out_in
+  assert not layout.for_generation({}, quantized)[1].weights_out_in
+  assert not layout.for_generation({}, bf16)[1].weights_out_in
   with pytest.raises(ValueError, match="weights_out_in: applies to float weights"):
     quantized.replace(weights_out_in=True)
   assert "weights_out_in" not in cfg.to_dict()  # model directories stay readable by older versions

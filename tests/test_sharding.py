@@ -111,7 +111,8 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, text_file, single_devic
 SHARDING_CHECK = textwrap.dedent(
   """
   import jax, numpy as np
-  from decoderjax import sharding, trainer
+  from decoderjax import sharding
+  from decoderjax import state as state_lib
   from decoderjax.config import get_preset
   from decoderjax.experiment import Experiment, TrainConfig, EvalConfig, CheckpointConfig
   from decoderjax.data import DataConfig
@@ -123,7 +124,7 @@ SHARDING_CHECK = textwrap.dedent(
                      EvalConfig(), CheckpointConfig(), sharding.MeshConfig(**mesh))
     m = sharding.make_mesh(exp.mesh)
     with jax.set_mesh(m):
-      return trainer.init_state(exp, make_optimizer(exp.optimizer, 10), m)[0]
+      return state_lib.init_state(exp, make_optimizer(exp.optimizer, 10), m)[0]
   s = state(data=1, fsdp=8)
   up = s.params["layers"]["mlp"]["up"]
   print("SPEC", tuple(up.sharding.spec))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from decoderjax import data, experiment, hostmem, modeldir, trainer
+from decoderjax import checkpoints, data, experiment, hostmem, modeldir, trainer
+from decoderjax import state as state_lib
 from decoderjax.model import Decoder
 
 TINY = [
@@ -110,7 +111,7 @@ def test_interrupted_runs_resume_to_identical_losses(tmp_path, text_file):
   # The workdir is a model directory: its best checkpoint by validation loss is what loads.
   model = modeldir.load_model_dir(str(workdir))
   assert model.tokenizer.decode(model.tokenizer.encode("good night")) == "good night"
-  with modeldir.checkpoint_manager(str(workdir), read_only=True) as mngr:
+  with checkpoints.manager(str(workdir), read_only=True) as mngr:
     assert mngr.best_step() in (8, 16, 24)
     assert mngr.latest_step() == 24
 
@@ -329,7 +330,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   for accum in (1, 4):
     step = functools.partial(train_step, cfg=cfg, optimizer=opt, schedule=make_schedule(
       exp.optimizer, 10), loss_cfg=LossConfig(grad_accum_steps=accum))  # fmt: skip
-    state, frozen = trainer.init_state(exp, opt, mesh)
+    state, frozen = state_lib.init_state(exp, opt, mesh)
     for _ in range(3):
       state, metrics = jax.jit(step)(state, batch, frozen)
     results.append((state, metrics))
