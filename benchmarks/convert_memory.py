@@ -4,7 +4,7 @@
   python benchmarks/convert_memory.py --preset=mistral-7b --workdir=/tmp/convmem  # ~30 GB disk
 
 Writes a random checkpoint of the preset's shape as sharded bfloat16 safetensors (one shard per
-layer, never the whole model in memory), converts it (`decoderjax.convert.convert_hf`, what
+layer, never the whole model in memory), converts it (`decoderjax.conversion.convert_hf`, what
 `python -m decoderjax.convert --from=hf --dtype=bfloat16` runs) in a child process, and prints
 the child's peak memory beside the model's bytes: anonymous memory (what the conversion holds)
 and file-backed memory (the memory-mapped safetensors pages: page cache, reclaimable), sampled
@@ -83,7 +83,7 @@ def write_checkpoint(cfg, directory: str, seed: int = 0) -> int:
 
 def child(source: str, output: str) -> None:
   """Converts while a thread samples this process's anonymous and file-backed resident memory."""
-  from decoderjax import convert
+  from decoderjax import conversion
 
   peak = {"RssAnon": 0, "RssFile": 0}
   done = threading.Event()
@@ -100,7 +100,7 @@ def child(source: str, output: str) -> None:
   thread = threading.Thread(target=watch)
   thread.start()
   start = time.perf_counter()
-  convert.convert_hf(source, output, "bfloat16")
+  conversion.convert_hf(source, output, "bfloat16")
   seconds = time.perf_counter() - start
   done.set()
   thread.join()

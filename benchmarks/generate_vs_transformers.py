@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from decoderjax import convert, layout, modeldir, quant, sampling
+from decoderjax import conversion, layout, modeldir, quant, sampling
 from decoderjax.sampling import SamplingConfig
 
 SMOLLM2_135M = dict(
@@ -167,7 +167,7 @@ def main():
       if dtype == "int8":  # python -m decoderjax.quantize of the float32 conversion
         modeldir.export_model_dir(os.path.join(tmp, "float32"), ours_dir, quant.quantizer("int8"))
       else:
-        convert.convert_hf(hf_dir, ours_dir, dtype)
+        conversion.convert_hf(hf_dir, ours_dir, dtype)
       params = modeldir.load_model_dir(ours_dir).params
       weight_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
       for batch in [int(b) for b in args.batches.split(",")]:

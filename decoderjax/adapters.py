@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from decoderjax import paths
 from decoderjax.config import ModelConfig
 
 METHODS = ("full", "lora", "prompt")
@@ -77,10 +78,6 @@ def finetuned_config(base: ModelConfig, ft: FinetuneConfig, num_labels: int = 0)
       f"finetune.freeze_layers={ft.freeze_layers} exceeds the model's {base.num_layers} layers"
     )
   return base.replace(**changes)
-
-
-def _name(path) -> str:
-  return [str(p.key) for p in path if hasattr(p, "key")][-1]
 
 
 def trainable(name: str, method: str) -> bool:
@@ -146,7 +143,7 @@ def freeze_updates(cfg: ModelConfig, layers: int, embeddings: bool):
   """
 
   def keep(path, update):
-    names = [str(p.key) for p in path if hasattr(p, "key")]
+    names = paths.names(path)
     if names[-1] in ("embedding", "position_embedding") and embeddings:
       return jnp.zeros_like(update)
     if names[0] == "layers" and cfg.scan_layers:  # stacked: layer index on the leading axis
@@ -202,7 +199,3 @@ def soft_prompt_from_vocab(embedding_VD, cfg: ModelConfig, seed: int):
   if cfg.embed_scale:
     prompt_PD = prompt_PD * cfg.embed_dim**0.5
   return prompt_PD.astype(embedding_VD.dtype)
-
-
-def adapter_bytes(params) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

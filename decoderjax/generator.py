@@ -141,12 +141,12 @@ class Generator:
     if any(not e for e in encoded):
       raise ValueError("empty prompt: every prompt needs at least one token")
     cfg = self.model.config
-    longest = max(map(len, encoded)) + self.config.max_new_tokens + cfg.prompt_tokens
-    if longest > cfg.max_seq_len:
+    longest = max(map(len, encoded)) + self.config.max_new_tokens
+    if longest > cfg.text_len:
       soft = f" (with {cfg.prompt_tokens} soft-prompt slots)" if cfg.prompt_tokens else ""
       raise ValueError(
-        f"prompt plus max_new_tokens is {longest} tokens{soft}, over the model's context "
-        f"max_seq_len={cfg.max_seq_len}"
+        f"prompt plus max_new_tokens is {longest + cfg.prompt_tokens} tokens{soft}, over the "
+        f"model's context max_seq_len={cfg.max_seq_len}"
       )
 
   def __call__(self, encoded: list[list[int]], stream=None) -> tuple[list[dict], dict]:

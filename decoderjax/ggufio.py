@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from decoderjax import hf
 from decoderjax.config import ModelConfig, RopeScaling
 from decoderjax.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
@@ -18,22 +19,8 @@ SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K
              "Q4_K", "Q5_K", "Q6_K")  # fmt: skip
 
 # GGUF tensor names -> Hugging Face Llama names (then mapped by hf.params_from_hf).
-_GLOBAL = {
-  "token_embd.weight": "model.embed_tokens.weight",
-  "output_norm.weight": "model.norm.weight",
-  "output.weight": "lm_head.weight",
-}
-_LAYER = {
-  "attn_norm.weight": "input_layernorm.weight",
-  "ffn_norm.weight": "post_attention_layernorm.weight",
-  "attn_q.weight": "self_attn.q_proj.weight",
-  "attn_k.weight": "self_attn.k_proj.weight",
-  "attn_v.weight": "self_attn.v_proj.weight",
-  "attn_output.weight": "self_attn.o_proj.weight",
-  "ffn_gate.weight": "mlp.gate_proj.weight",
-  "ffn_up.weight": "mlp.up_proj.weight",
-  "ffn_down.weight": "mlp.down_proj.weight",
-}
+_GLOBAL = {t.gguf: t.hf for t in hf.LLAMA_GLOBAL if t.gguf}
+_LAYER = {t.gguf: t.hf for t in hf.LLAMA_LAYER if t.gguf}
 
 
 def _open(path: str):
@@ -225,7 +212,6 @@ def _sentencepiece(reader, path: str) -> SentencePieceTokenizer:
 
 def read_gguf(path: str, scan_layers: bool = True, dtype: str = "float32"):
   """(ModelConfig, parameters in `dtype`, tokenizer, generation defaults) of a GGUF file."""
-  from decoderjax import hf
 
   reader = _open(path)
   cfg = config_from_gguf(reader, path).replace(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -174,58 +175,127 @@ def open_checkpoint(directory: str):
   raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 
-def _gpt2_layer(get: Callable, i: int, cfg: ModelConfig) -> dict:
-  d, n, h = cfg.embed_dim, cfg.num_heads, cfg.head_size
-  p = f"h.{i}."
-  qkv_w = get(p + "attn.c_attn.weight")  # Conv1D: [D, 3D], used as x @ W
-  qkv_b = get(p + "attn.c_attn.bias")
-  q, k, v = (w.reshape(d, n, h) for w in np.split(qkv_w, 3, axis=1))
-  qb, kb, vb = (b.reshape(n, h) for b in np.split(qkv_b, 3))
-  return {
-    "attn_norm": {"scale": get(p + "ln_1.weight"), "bias": get(p + "ln_1.bias")},
-    "attn": {
-      "q": q,
-      "k": k,
-      "v": v,
-      "q_bias": qb,
-      "k_bias": kb,
-      "v_bias": vb,
-      "o": get(p + "attn.c_proj.weight").reshape(n, h, d),
-      "o_bias": get(p + "attn.c_proj.bias"),
-    },  # fmt: skip
-    "mlp_norm": {"scale": get(p + "ln_2.weight"), "bias": get(p + "ln_2.bias")},
-    "mlp": {
-      "up": get(p + "mlp.c_fc.weight"),
-      "up_bias": get(p + "mlp.c_fc.bias"),
-      "down": get(p + "mlp.c_proj.weight"),
-      "down_bias": get(p + "mlp.c_proj.bias"),
-    },
-  }
+class Tensor(NamedTuple):
+  """One checkpoint tensor: its place in our tree and in Hugging Face's, and how the layouts
+  differ. Reading and writing a checkpoint both follow these tables."""
+
+  ours: tuple[str, ...]  # paths in our tree ("attn/q"); several for a fused tensor
+  hf: str  # the Hugging Face name (a layer's after its "model.layers.{i}." prefix)
+  layout: str  # how HF stores it, one of _LAYOUTS
+  gguf: str = ""  # llama.cpp's name for it, where GGUF files have it
+  only_if: str = ""  # "qkv_bias" or "untied": absent from models without that
 
 
-def _llama_layer(get: Callable, i: int, cfg: ModelConfig) -> dict:
-  d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
-  p = f"model.layers.{i}."
-  attn = {  # nn.Linear stores [out, in]: transpose to [in, out], then split heads
-    "q": get(p + "self_attn.q_proj.weight").T.reshape(d, n, h),
-    "k": get(p + "self_attn.k_proj.weight").T.reshape(d, k, h),
-    "v": get(p + "self_attn.v_proj.weight").T.reshape(d, k, h),
-    "o": get(p + "self_attn.o_proj.weight").T.reshape(n, h, d),
-  }
-  if cfg.qkv_bias:
-    attn["q_bias"] = get(p + "self_attn.q_proj.bias").reshape(n, h)
-    attn["k_bias"] = get(p + "self_attn.k_proj.bias").reshape(k, h)
-    attn["v_bias"] = get(p + "self_attn.v_proj.bias").reshape(k, h)
+_T = Tensor
+LLAMA_GLOBAL = (
+  _T(("embedding",), "model.embed_tokens.weight", "same", "token_embd.weight"),
+  _T(("final_norm/scale",), "model.norm.weight", "same", "output_norm.weight"),
+  _T(("head",), "lm_head.weight", "linear", "output.weight", only_if="untied"),
+)
+LLAMA_LAYER = (
+  _T(("attn_norm/scale",), "input_layernorm.weight", "same", "attn_norm.weight"),
+  _T(("attn/q",), "self_attn.q_proj.weight", "heads_in", "attn_q.weight"),
+  _T(("attn/k",), "self_attn.k_proj.weight", "heads_in", "attn_k.weight"),
+  _T(("attn/v",), "self_attn.v_proj.weight", "heads_in", "attn_v.weight"),
+  _T(("attn/o",), "self_attn.o_proj.weight", "heads_out", "attn_output.weight"),
+  _T(("attn/q_bias",), "self_attn.q_proj.bias", "head_bias", only_if="qkv_bias"),
+  _T(("attn/k_bias",), "self_attn.k_proj.bias", "head_bias", only_if="qkv_bias"),
+  _T(("attn/v_bias",), "self_attn.v_proj.bias", "head_bias", only_if="qkv_bias"),
+  _T(("mlp_norm/scale",), "post_attention_layernorm.weight", "same", "ffn_norm.weight"),
+  _T(("mlp/gate",), "mlp.gate_proj.weight", "linear", "ffn_gate.weight"),
+  _T(("mlp/up",), "mlp.up_proj.weight", "linear", "ffn_up.weight"),
+  _T(("mlp/down",), "mlp.down_proj.weight", "linear", "ffn_down.weight"),
+)
+GPT2_GLOBAL = (  # HF names after an optional "transformer." (always written)
+  _T(("embedding",), "wte.weight", "same"),
+  _T(("position_embedding",), "wpe.weight", "same"),
+  _T(("final_norm/scale",), "ln_f.weight", "same"),
+  _T(("final_norm/bias",), "ln_f.bias", "same"),
+)
+GPT2_LAYER = (  # Conv1D layers store [in, out], as we do
+  _T(("attn_norm/scale",), "ln_1.weight", "same"),
+  _T(("attn_norm/bias",), "ln_1.bias", "same"),
+  _T(("attn/q", "attn/k", "attn/v"), "attn.c_attn.weight", "fused_heads_in"),
+  _T(("attn/q_bias", "attn/k_bias", "attn/v_bias"), "attn.c_attn.bias", "fused_head_bias"),
+  _T(("attn/o",), "attn.c_proj.weight", "heads_out_in_out"),
+  _T(("attn/o_bias",), "attn.c_proj.bias", "same"),
+  _T(("mlp_norm/scale",), "ln_2.weight", "same"),
+  _T(("mlp_norm/bias",), "ln_2.bias", "same"),
+  _T(("mlp/up",), "mlp.c_fc.weight", "same"),
+  _T(("mlp/up_bias",), "mlp.c_fc.bias", "same"),
+  _T(("mlp/down",), "mlp.c_proj.weight", "same"),
+  _T(("mlp/down_bias",), "mlp.c_proj.bias", "same"),
+)
+_LAYOUTS = (
+  "same",
+  "linear",  # nn.Linear [out, in]: ours is its transpose
+  "heads_in",  # nn.Linear [N * H, D] -> ours [D, N, H]
+  "heads_out",  # nn.Linear [D, N * H] -> ours [N, H, D]
+  "head_bias",  # [N * H] -> [N, H]
+  "heads_out_in_out",  # Conv1D [N * H, D] -> [N, H, D]
+  "fused_heads_in",  # Conv1D [D, 3 * N * H] -> q, k, v [D, N, H]
+  "fused_head_bias",  # [3 * N * H] -> q, k, v biases [N, H]
+)
+
+
+def _tables(arch: str):
+  """(global tensors, per-layer tensors, the layer prefix) of an architecture."""
+  if arch == "gpt2":
+    return GPT2_GLOBAL, GPT2_LAYER, "h.{i}."
+  return LLAMA_GLOBAL, LLAMA_LAYER, "model.layers.{i}."
+
+
+def _present(t: Tensor, cfg: ModelConfig) -> bool:
+  return {"": True, "qkv_bias": cfg.qkv_bias, "untied": not cfg.tie_embeddings}[t.only_if]
+
+
+def _to_ours(layout: str, x: np.ndarray, cfg: ModelConfig) -> list[np.ndarray]:
+  d, h = cfg.embed_dim, cfg.head_size
   return {
-    "attn_norm": {"scale": get(p + "input_layernorm.weight")},
-    "attn": attn,
-    "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
-    "mlp": {
-      "gate": get(p + "mlp.gate_proj.weight").T,
-      "up": get(p + "mlp.up_proj.weight").T,
-      "down": get(p + "mlp.down_proj.weight").T,
-    },
-  }
+    "same": lambda: [x],
+    "linear": lambda: [x.T],
+    "heads_in": lambda: [x.T.reshape(d, -1, h)],
+    "heads_out": lambda: [x.T.reshape(-1, h, d)],
+    "head_bias": lambda: [x.reshape(-1, h)],
+    "heads_out_in_out": lambda: [x.reshape(-1, h, d)],
+    "fused_heads_in": lambda: [w.reshape(d, -1, h) for w in np.split(x, 3, axis=1)],
+    "fused_head_bias": lambda: [b.reshape(-1, h) for b in np.split(x, 3)],
+  }[layout]()
+
+
+def _to_hf(layout: str, xs: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
+  d, x = cfg.embed_dim, xs[0]
+  return {
+    "same": lambda: x,
+    "linear": lambda: x.T,
+    "heads_in": lambda: x.reshape(d, -1).T,
+    "heads_out": lambda: x.reshape(-1, d).T,
+    "head_bias": lambda: x.reshape(-1),
+    "heads_out_in_out": lambda: x.reshape(-1, d),
+    "fused_heads_in": lambda: np.concatenate([w.reshape(d, -1) for w in xs], axis=1),
+    "fused_head_bias": lambda: np.concatenate([b.reshape(-1) for b in xs]),
+  }[layout]()
+
+
+def _read(get: Callable, tensors, cfg: ModelConfig, prefix: str = "") -> dict:
+  """Our tree of `tensors` (nested dicts), each read by HF name through `get`."""
+  tree = {}
+  for t in tensors:
+    if not _present(t, cfg):
+      continue
+    for path, x in zip(t.ours, _to_ours(t.layout, get(prefix + t.hf), cfg), strict=True):
+      *parents, leaf = path.split("/")
+      node = tree
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[leaf] = x
+  return tree
+
+
+def _at(tree: dict, path: str):
+  for key in path.split("/"):
+    tree = tree[key]
+  return np.asarray(tree)
 
 
 def params_from_hf(reader, cfg: ModelConfig, arch: str, dtype=np.float32):
@@ -240,26 +310,14 @@ def params_from_hf(reader, cfg: ModelConfig, arch: str, dtype=np.float32):
     used.add(prefix + name)
     return reader.get(prefix + name)
 
-  if arch == "gpt2":
-    params = {
-      "embedding": get("wte.weight"),
-      "position_embedding": get("wpe.weight"),
-      "final_norm": {"scale": get("ln_f.weight"), "bias": get("ln_f.bias")},
-    }
-    layer = _gpt2_layer
-  else:
-    params = {"embedding": get("model.embed_tokens.weight"),
-              "final_norm": {"scale": get("model.norm.weight")}}  # fmt: skip
-    if not cfg.tie_embeddings:
-      params["head"] = get("lm_head.weight").T
-    layer = _llama_layer
-  params = _cast(params, dtype)
+  global_tensors, layer_tensors, layer_prefix = _tables(arch)
+  params = _cast(_read(get, global_tensors, cfg), dtype)
   # Streamed: each layer's tensors are read, cast and written into their place (a slice of the
   # stacked [L, ...] arrays when scanned) before the next layer is read, so the model is held
   # once, in the target dtype, plus one layer in flight.
   stacked = None
   for i in range(cfg.num_layers):
-    one = _cast(layer(get, i, cfg), dtype)
+    one = _cast(_read(get, layer_tensors, cfg, layer_prefix.format(i=i)), dtype)
     if not cfg.scan_layers:
       params[f"layers_{i}"] = one
       continue
@@ -357,7 +415,6 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
   """Our parameter tree -> Hugging Face tensor names and layouts (float32 numpy)."""
-  p = {k: v for k, v in params.items() if not k.startswith("layers")}
   if cfg.scan_layers:
     layers = [
       {g: {n: np.asarray(a[i]) for n, a in sub.items()} for g, sub in params["layers"].items()}
@@ -365,46 +422,17 @@ def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndar
     ]
   else:
     layers = [params[f"layers_{i}"] for i in range(cfg.num_layers)]
-  f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
-  d = cfg.embed_dim
+  global_tensors, layer_tensors, layer_prefix = _tables(arch)
+  prefix = "transformer." if arch == "gpt2" else ""
   out = {}
-  if arch == "gpt2":
-    out["transformer.wte.weight"] = f32(p["embedding"])
-    out["transformer.wpe.weight"] = f32(p["position_embedding"])
-    out["transformer.ln_f.weight"] = f32(p["final_norm"]["scale"])
-    out["transformer.ln_f.bias"] = f32(p["final_norm"]["bias"])
-    for i, lp in enumerate(layers):
-      a, m, pre = lp["attn"], lp["mlp"], f"transformer.h.{i}."
-      out[pre + "ln_1.weight"] = f32(lp["attn_norm"]["scale"])
-      out[pre + "ln_1.bias"] = f32(lp["attn_norm"]["bias"])
-      out[pre + "attn.c_attn.weight"] = f32(
-        np.concatenate([np.asarray(a[n]).reshape(d, -1) for n in "qkv"], axis=1)
-      )
-      out[pre + "attn.c_attn.bias"] = f32(
-        np.concatenate([np.asarray(a[f"{n}_bias"]).reshape(-1) for n in "qkv"])
-      )
-      out[pre + "attn.c_proj.weight"] = f32(np.asarray(a["o"]).reshape(-1, d))
-      out[pre + "attn.c_proj.bias"] = f32(a["o_bias"])
-      out[pre + "ln_2.weight"] = f32(lp["mlp_norm"]["scale"])
-      out[pre + "ln_2.bias"] = f32(lp["mlp_norm"]["bias"])
-      out[pre + "mlp.c_fc.weight"] = f32(m["up"])
-      out[pre + "mlp.c_fc.bias"] = f32(m["up_bias"])
-      out[pre + "mlp.c_proj.weight"] = f32(m["down"])
-      out[pre + "mlp.c_proj.bias"] = f32(m["down_bias"])
-    return out
-  out["model.embed_tokens.weight"] = f32(p["embedding"])
-  out["model.norm.weight"] = f32(p["final_norm"]["scale"])
-  if not cfg.tie_embeddings:
-    out["lm_head.weight"] = f32(np.asarray(p["head"]).T)
-  for i, lp in enumerate(layers):
-    a, m, pre = lp["attn"], lp["mlp"], f"model.layers.{i}."
-    out[pre + "input_layernorm.weight"] = f32(lp["attn_norm"]["scale"])
-    out[pre + "post_attention_layernorm.weight"] = f32(lp["mlp_norm"]["scale"])
-    for n in "qkv":
-      out[pre + f"self_attn.{n}_proj.weight"] = f32(np.asarray(a[n]).reshape(d, -1).T)
-      if cfg.qkv_bias:
-        out[pre + f"self_attn.{n}_proj.bias"] = f32(np.asarray(a[f"{n}_bias"]).reshape(-1))
-    out[pre + "self_attn.o_proj.weight"] = f32(np.asarray(a["o"]).reshape(-1, d).T)
-    for n in ("gate", "up", "down"):
-      out[pre + f"mlp.{n}_proj.weight"] = f32(np.asarray(m[n]).T)
+
+  def write(tree, tensors, names_prefix):
+    for t in tensors:
+      if _present(t, cfg):
+        x = _to_hf(t.layout, [_at(tree, path) for path in t.ours], cfg)
+        out[names_prefix + t.hf] = np.ascontiguousarray(np.asarray(x, np.float32))
+
+  write(params, global_tensors, prefix)
+  for i, layer in enumerate(layers):
+    write(layer, layer_tensors, prefix + layer_prefix.format(i=i))
   return out

@@ -1,13 +1,11 @@
 """Host memory for CPU runs: the C library's allocator keeps freed memory for reuse.
 
 XLA's CPU runtime allocates each execution's buffers and frees them when it ends. glibc gives
-requests above its mmap threshold (128 KB, rising to at most 32 MB) fresh pages from the kernel
-and returns them when they are freed, and threads other than the main one allocate from arenas
-that map any large request the same way. So every train step
-faulted in and zeroed all its working memory again: a GPT-2 124M step on 2 cores took 517K page
-faults and about 1 s of kernel time, the baby char model's 147K faults 0.27 s. With one arena,
-no mmap and no trimming, later steps reuse the pages of the first (benchmarks/NOTES.md,
-"Session 8"). The price: memory freed after a peak stays with the process, and a step's buffers
+requests above its mmap threshold fresh pages from the kernel and returns them when they are
+freed (other threads' arenas map large requests the same way), so every train step would fault
+in and zero all its working memory again. With one arena, no mmap and no trimming, later steps
+reuse the pages of the first (benchmarks/NOTES.md, "Host memory: page faults every step"). The
+price: memory freed after a peak stays with the process, and a step's buffers
 may be held twice when the next step allocates before the last one frees. The train binary sets
 this on CPU runs (`--keep_freed_memory`); one-shot binaries such as convert leave malloc alone.
 """

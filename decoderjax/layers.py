@@ -86,11 +86,8 @@ def weight(module: nn.Module, name: str, shape, axes, init=None) -> Array:
 
 
 # Matmuls of few rows (decoding) run fastest on XLA CPU weight-first, w [O, I] @ x^T [I, R] then
-# transposed: at 2-8 rows the kernels read a weight stored [out, in] that way at 13-24 GB/s,
-# against 11-16 for x @ w [I, O] and 9-15 for x @ w^T; at 1 row x @ w^T falls to 3 GB/s. Up to
-# 512 rows weight-first is within a few percent of x @ w; x @ w^T is as fast there but its first
-# call on a weight costs about 0.35 ms per MB more. At 1,024 rows x @ w^T is the faster
-# (benchmarks/NOTES.md, session 9).
+# transposed; up to this many rows it is no slower than x @ w, beyond it x @ w^T is faster
+# (benchmarks/NOTES.md, "Weight-first contraction").
 WEIGHT_FIRST_MAX_ROWS = 512
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decoderjax import hostmem, quant
+from decoderjax import hostmem, paths, quant
 from decoderjax.config import ModelConfig
 
 # Where float32 generation contracts few rows weight-first (layers.contract_out_in), with
@@ -39,7 +39,7 @@ def for_generation(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   float32 on CPU, projection weights stored [out, in] (`weights_out_in`).
 
   Decoding a scanned model slices each layer's weights out of the stacked arrays at every step,
-  which XLA CPU does by copying them (87 of 148 thread-ms of a SmolLM2 batch-8 decode step);
+  which XLA CPU does by copying them (benchmarks/NOTES.md, "Stacked weights copied every step");
   MaxText likewise decodes from unscanned checkpoints. The price on CPU is compile time (one
   compiled body per layer, `switched_layers`). Consumes `params` when it converts them.
   """
@@ -66,7 +66,7 @@ def transpose_projections(params: dict, num_layers: int) -> dict:
   for i in range(num_layers):
 
     def move(path, w):  # quant.QUANTIZED names every projection, with the dims after its inputs
-      keep = quant.QUANTIZED.get(path[-1].key)
+      keep = quant.QUANTIZED.get(paths.leaf_name(path))
       if keep is None:
         return w
       n = quant.input_dims(w.ndim, keep)[1]  # inputs lead: [*in, *out]

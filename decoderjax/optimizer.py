@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import optax
 
+from decoderjax import paths
+
 OPTIMIZERS = ("adamw", "adafactor", "lion")
 SCHEDULES = ("cosine", "linear", "constant", "rsqrt")
 
@@ -58,7 +60,7 @@ def decay_mask(cfg: OptimizerConfig, params):
   """True where weight decay applies: matrices always; embeddings, norms, biases as configured."""
 
   def decays(path, leaf) -> bool:
-    name = [str(p.key) for p in path if hasattr(p, "key")][-1]  # skips nn.Partitioned boxes
+    name = paths.leaf_name(path)
     if name in ("embedding", "position_embedding", "head", "soft_prompt"):
       return cfg.decay_embeddings
     if name == "scale" or name == "bias" or name.endswith("_bias"):

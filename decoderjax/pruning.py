@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from decoderjax import paths
 from decoderjax.config import parse_pruning
 from decoderjax.quant import group_inputs, map_weights
 
@@ -62,7 +63,7 @@ def sparsity_of(params) -> tuple[int, int]:
   """(zeros, size) over the prunable projections of a parameter tree."""
   zeros = size = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [str(p.key) for p in path if hasattr(p, "key")]
+    names = paths.names(path)
     if names[0].startswith("layers") and names[-1] in PRUNED:
       zeros += int(np.sum(np.asarray(leaf) == 0))
       size += leaf.size
@@ -90,7 +91,7 @@ def keep_zeros() -> optax.GradientTransformation:
   """Drops updates to pruned weights that are zero (chained after the optimizer)."""
 
   def keep(path, update, param):
-    names = [str(p.key) for p in path if hasattr(p, "key")]
+    names = paths.names(path)
     if names[0].startswith("layers") and names[-1] in PRUNED:
       return jnp.where(param == 0, jnp.zeros_like(update), update)
     return update

@@ -58,7 +58,7 @@ class SamplingConfig:
 
 def greedy_tokens(logits_BV: Array) -> Array:
   """jnp.argmax over the vocabulary (the first index on ties; NaN ranks as +inf) as two plain
-  reductions: XLA CPU's variadic arg-max reduce took 1.0 ms for 8 x 49,152 logits, these 0.3."""
+  reductions, which XLA CPU runs faster than its variadic arg-max reduce."""
   logits_BV = jnp.where(jnp.isnan(logits_BV), jnp.inf, logits_BV)  # NaN wins, as in argmax
   hit_BV = logits_BV == jnp.max(logits_BV, axis=-1, keepdims=True)
   v = logits_BV.shape[-1]

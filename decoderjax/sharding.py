@@ -196,13 +196,10 @@ def fetch(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-# From this many trained parameters, `cpu_devices=-1` keeps the CPU as one device. Each
+# From this many trained parameters, `cpu_devices=-1` keeps the CPU as one device: each
 # data-parallel device repeats the optimizer update and exchanges every gradient, while a large
-# model's matmuls already keep all cores busy inside one device (2-core train steps, one device
-# vs two: GPT-2 124M 5.4 vs 6.2 s, a 51M model 2.25 vs 2.52 s, SmolLM2-135M full fine-tuning
-# 3.3-3.4 vs 3.8-4.0 s, 10.7M even, nanoGPT's 0.8M recipe 47 vs 40 ms; SmolLM2 LoRA, whose
-# 0.5M adapters are all that is updated and exchanged, even). With freed host memory kept
-# (hostmem), the recipe's train binary runs even either way (benchmarks/NOTES.md, session 8).
+# model's matmuls already keep all cores busy inside one device (benchmarks/NOTES.md, "One CPU
+# device for large models").
 CPU_SPLIT_MAX_PARAMS = 20_000_000
 
 

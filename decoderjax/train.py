@@ -26,8 +26,8 @@ _KEEP_FREED_MEMORY = flags.DEFINE_bool(
   "keep_freed_memory",
   True,
   "CPU runs: glibc's malloc keeps freed memory for reuse (one arena, no mmap, no trimming), so "
-  "train steps do not fault their buffers in anew each step (10-20% faster on 2 cores); a "
-  "step's buffers may then be held twice. false leaves malloc as it is.",
+  "train steps do not fault their buffers in anew each step; a step's buffers may then be held "
+  "twice. false leaves malloc as it is.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 

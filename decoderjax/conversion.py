@@ -1,0 +1,111 @@
+"""Checkpoints in and out of decoderjax model directories: Hugging Face folders (config.json,
+safetensors, tokenizer) and GGUF files in, Hugging Face folders out. Each output is written to a
+temporary folder beside it and renamed into place only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from decoderjax import ggufio, hf, modeldir
+from decoderjax.tokenizer import HFTokenizer, SentencePieceTokenizer
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def hf_tokenizer(directory: str, hf_config: dict):
+  """The checkpoint's tokenizer with its EOS/BOS ids, from tokenizer.json or tokenizer.model."""
+  gen = _read_json(os.path.join(directory, "generation_config.json"))
+  eos = gen.get("eos_token_id", hf_config.get("eos_token_id"))
+  eos = eos[0] if isinstance(eos, list) else eos
+  bos = gen.get("bos_token_id", hf_config.get("bos_token_id"))
+  if os.path.exists(os.path.join(directory, "tokenizer.json")):
+    with open(os.path.join(directory, "tokenizer.json")) as f:
+      return HFTokenizer(f.read(), eos, bos)
+  if os.path.exists(os.path.join(directory, "tokenizer.model")):
+    return SentencePieceTokenizer.from_file(os.path.join(directory, "tokenizer.model"))
+  raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
+
+
+def generation_defaults(directory: str) -> dict:
+  """Sampling defaults and the chat template the checkpoint ships."""
+  gen = _read_json(os.path.join(directory, "generation_config.json"))
+  keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+  values = {k: gen[k] for k in keys if gen.get(k) is not None}
+  eos = gen.get("eos_token_id")
+  if isinstance(eos, list) and len(eos) > 1:  # e.g. Llama 3: end of text and end of turn
+    values["stop_ids"] = [int(e) for e in eos]
+  if gen.get("do_sample") is False:
+    values["temperature"] = 0.0
+  template = _read_json(os.path.join(directory, "tokenizer_config.json")).get("chat_template")
+  if template:
+    values["chat_template"] = template
+  return values
+
+
+def convert_hf(source: str, output: str, dtype: str = "float32") -> None:
+  config_path = os.path.join(source, "config.json")
+  hf_config = _read_json(config_path)
+  if not hf_config:
+    raise FileNotFoundError(f"{source}: no config.json")
+  cfg = hf.config_from_hf(hf_config, config_path).replace(param_dtype=dtype, dtype=dtype)
+  tokenizer = hf_tokenizer(source, hf_config)
+  reader = hf.open_checkpoint(source)
+  params = hf.params_from_hf(reader, cfg, hf_config["model_type"], jax.numpy.dtype(dtype))
+  write_model_dir(source, output, cfg, params, tokenizer, generation_defaults(source))
+
+
+def convert_gguf(source: str, output: str, dtype: str = "float32") -> None:
+  cfg, params, tokenizer, generation = ggufio.read_gguf(source, dtype=dtype)
+  write_model_dir(source, output, cfg, params, tokenizer, generation)
+
+
+def write_model_dir(source, output, cfg, params, tokenizer, generation) -> None:
+  """Checks shapes against the config, then writes via a temporary folder and a rename."""
+  modeldir.check_shapes(params, modeldir.abstract_params(cfg), source)
+  with modeldir.staged(output) as staging:
+    modeldir.save_model_dir(staging, cfg, params, tokenizer, generation)
+
+
+def export_hf(source: str, output: str) -> None:
+  """A model directory -> a Hugging Face folder `transformers` loads (safetensors, float32)."""
+  from safetensors.numpy import save_file
+
+  model = modeldir.load_model_dir(source)  # LoRA adapters merged
+  cfg, tok = model.config, model.tokenizer
+  unexportable = {
+    "a classifier": cfg.num_labels,
+    "a prompt-tuned model": cfg.prompt_tokens,
+    f"an {cfg.quant} model (export the float model it was quantized from)": cfg.quant != "none",
+  }
+  for kind, applies in unexportable.items():
+    if applies:
+      raise ValueError(f"{source}: {kind} has no Hugging Face causal-LM form")
+  config = hf.config_to_hf(cfg)
+  if tok.kind not in ("hf", "sentencepiece"):
+    raise ValueError(
+      f"{source}: a {tok.kind!r} tokenizer has no Hugging Face form (hf, sentencepiece)"
+    )
+  config.update(torch_dtype="float32", eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+  tensors = hf.params_to_hf(jax.tree.map(np.asarray, model.params), cfg, config["model_type"])
+  with modeldir.staged(output) as staging:
+    save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(staging, "config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    gen = {"eos_token_id": tok.eos_id, "bos_token_id": tok.bos_id}
+    if model.generation.get("temperature", 0) > 0:
+      gen.update(do_sample=True, temperature=model.generation["temperature"])
+    with open(os.path.join(staging, "generation_config.json"), "w") as f:
+      json.dump(gen, f, indent=2)
+    tok._save_files(staging)  # tokenizer.json or tokenizer.model, the names HF uses too
+    template = model.generation.get("chat_template")
+    with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
+      json.dump({"chat_template": template} if template else {}, f, indent=2)
