@@ -32,8 +32,11 @@ def attention_mask(
   k_slot_S: Array,
   sliding_window: int | None,
 ) -> Array:
-  """Boolean [B, T, S]: causal by slot, same document (segment id), key not padding (id 0)."""
-  mask = k_slot_S[None, None, :] <= q_slot_T[None, :, None]
+  """Boolean [B, T, S]: causal by slot, same document (segment id), key not padding (id 0).
+  Slots are [T] and [S], or per row [B, T] and [B, S]."""
+  q_slot_BT = jnp.broadcast_to(q_slot_T, q_segment_BT.shape)
+  k_slot_BS = jnp.broadcast_to(k_slot_S, k_segment_BS.shape)
+  mask = k_slot_BS[:, None, :] <= q_slot_BT[:, :, None]
   mask &= q_segment_BT[:, :, None] == k_segment_BS[:, None, :]
   mask &= (k_segment_BS != 0)[:, None, :]
   if sliding_window is not None:

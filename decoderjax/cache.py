@@ -29,7 +29,7 @@ class KVCache:
   v: Array | tuple[Array, ...]  # [L, B, K, S, H] or L x [B, K, S, H]
   segment: Array  # [B, S] int32 document id of each slot; 0 marks empty or padding slots
   position: Array  # [B, S] int32 position of the token held in each slot
-  index: Array  # [] int32 next slot to write
+  index: Array  # [] int32 next slot to write, or [B] one per row (continuous batching)
   k_scale: Array | tuple[Array, ...] | None = None  # [L, B, K, S] or L x [B, K, S]; int8 only
   v_scale: Array | tuple[Array, ...] | None = None
 
@@ -54,18 +54,24 @@ class KVCache:
     ]
 
   def written(self, new_kv, segment_BT: Array, positions_BT: Array) -> KVCache:
-    """The new tokens' entries (stacked over L, laid out as the cache) written at `index`, in
-    place."""
+    """The new tokens' entries (stacked over L, laid out as the cache) written at `index` (each
+    row at its own with a per-row index), in place."""
     index = self.index
 
-    def write(full, new, slot_axis):  # slot_axis counted from the end
+    def at(full, new, slot_axis, i):  # slot_axis counted from the end
       start = [0] * full.ndim
-      start[full.ndim + slot_axis] = index
+      start[full.ndim + slot_axis] = i
       return jax.lax.dynamic_update_slice(full, new, start)
 
+    def write(full, new, slot_axis, batch_axis=0):
+      if index.ndim == 0:
+        return at(full, new, slot_axis, index)
+      per_row = lambda f, n, i: at(f, n, slot_axis, i)
+      return jax.vmap(per_row, (batch_axis, batch_axis, 0), batch_axis)(full, new, index)
+
     def each(full, new_L, slot_axis):
-      if not self.per_layer:
-        return write(full, new_L, slot_axis)
+      if not self.per_layer:  # [L, B, ...]
+        return write(full, new_L, slot_axis, batch_axis=1)
       return tuple(write(layer, new_L[i], slot_axis) for i, layer in enumerate(full))
 
     (new_k, new_v), scales = new_kv, {}
@@ -81,6 +87,34 @@ class KVCache:
       position=write(self.position, positions_BT, -1),
       index=index + segment_BT.shape[1],
       **scales,
+    )
+
+  def with_row(self, row: KVCache, slot: Array) -> KVCache:
+    """This per-row-index cache with row `slot` replaced by the one-row cache `row` (same
+    length and layout): its keys, values, metadata and write index."""
+
+    def put(full, one, batch_axis=0):
+      if full is None:
+        return None
+      return jax.lax.dynamic_update_index_in_dim(
+        full, jnp.take(one, 0, batch_axis), slot, batch_axis
+      )
+
+    def each(full, one):
+      if full is None:
+        return None
+      if not self.per_layer:
+        return put(full, one, batch_axis=1)
+      return tuple(put(f, o) for f, o in zip(full, one, strict=True))
+
+    return KVCache(
+      k=each(self.k, row.k),
+      v=each(self.v, row.v),
+      segment=put(self.segment, row.segment),
+      position=put(self.position, row.position),
+      index=self.index.at[slot].set(row.index),
+      k_scale=each(self.k_scale, row.k_scale),
+      v_scale=each(self.v_scale, row.v_scale),
     )
 
   def select_rows(self, rows: Array) -> KVCache:

@@ -65,25 +65,34 @@ def greedy_tokens(logits_BV: Array) -> Array:
   return jnp.min(jnp.where(hit_BV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
+def restrict(scaled_BV: Array, top_k_B: Array, top_p_B: Array, min_p_B: Array) -> Array:
+  """Temperature-scaled logits with the tokens outside each row's top-k (0: no limit), top-p
+  nucleus (1: no limit) and min-p floor set to NEG_INF, in that order."""
+  v = scaled_BV.shape[-1]
+  sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
+  k_B1 = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v).reshape(-1, 1)
+  kth_B1 = jnp.take_along_axis(sorted_BV, k_B1 - 1, -1)
+  scaled_BV = jnp.where(scaled_BV < kth_B1, NEG_INF, scaled_BV)
+  # top-p: the smallest set of most likely tokens whose probability reaches it
+  sorted_BV = jnp.where(sorted_BV < kth_B1, NEG_INF, sorted_BV)
+  cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+  top_p_B1 = jnp.reshape(top_p_B, (-1, 1))
+  last_B1 = jnp.minimum(jnp.sum(cum_BV < top_p_B1, axis=-1, keepdims=True), v - 1)
+  cutoff_B1 = jnp.where(top_p_B1 < 1, jnp.take_along_axis(sorted_BV, last_B1, -1), -jnp.inf)
+  scaled_BV = jnp.where(scaled_BV < cutoff_B1, NEG_INF, scaled_BV)
+  probs_BV = jax.nn.softmax(scaled_BV, axis=-1)
+  floor_B1 = jnp.reshape(min_p_B, (-1, 1)) * jnp.max(probs_BV, axis=-1, keepdims=True)
+  return jnp.where(probs_BV >= floor_B1, scaled_BV, NEG_INF)
+
+
 def sample_logits(logits_BV: Array, rng: Array, cfg: SamplingConfig) -> Array:
   """Greedy when cfg.temperature == 0, else sampling restricted by top-k, top-p and min-p."""
   logits_BV = logits_BV.astype(jnp.float32)
   if cfg.temperature == 0:
     return greedy_tokens(logits_BV)
   scaled_BV = logits_BV / cfg.temperature
-  if cfg.top_k:
-    kth_B1 = jax.lax.top_k(scaled_BV, min(cfg.top_k, scaled_BV.shape[-1]))[0][:, -1:]
-    scaled_BV = jnp.where(scaled_BV < kth_B1, NEG_INF, scaled_BV)
-  if cfg.top_p < 1:  # the smallest set of most likely tokens whose probability reaches top_p
-    sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
-    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-    last_B1 = jnp.minimum(jnp.sum(cum_BV < cfg.top_p, axis=-1, keepdims=True), cum_BV.shape[-1] - 1)
-    cutoff_B1 = jnp.take_along_axis(sorted_BV, last_B1, -1)
-    scaled_BV = jnp.where(scaled_BV < cutoff_B1, NEG_INF, scaled_BV)
-  if cfg.min_p:
-    probs_BV = jax.nn.softmax(scaled_BV, axis=-1)
-    keep_BV = probs_BV >= cfg.min_p * jnp.max(probs_BV, axis=-1, keepdims=True)
-    scaled_BV = jnp.where(keep_BV, scaled_BV, NEG_INF)
+  if cfg.top_k or cfg.top_p < 1 or cfg.min_p:
+    scaled_BV = restrict(scaled_BV, jnp.int32(cfg.top_k), cfg.top_p, cfg.min_p)
   return jax.random.categorical(rng, scaled_BV, axis=-1)
 
 
@@ -92,13 +101,22 @@ def penalize(logits_BV: Array, seen_BV: Array, counts_BV: Array, cfg: SamplingCo
   penalties (OpenAI: occurrences in the output)."""
   if not cfg.penalized:
     return logits_BV
-  p = cfg.repetition_penalty
-  penalized_BV = jnp.where(logits_BV > 0, logits_BV / p, logits_BV * p)
+  return penalize_rows(
+    logits_BV, seen_BV, counts_BV, cfg.repetition_penalty, cfg.frequency_penalty,
+    cfg.presence_penalty,
+  )  # fmt: skip
+
+
+def penalize_rows(logits_BV, seen_BV, counts_BV, repetition_B, frequency_B, presence_B):
+  """`penalize` with each row's own penalties ([B] arrays, or scalars for all rows)."""
+  column = lambda x: jnp.reshape(jnp.asarray(x, logits_BV.dtype), (-1, 1))
+  p_B1 = column(repetition_B)
+  penalized_BV = jnp.where(logits_BV > 0, logits_BV / p_B1, logits_BV * p_B1)
   logits_BV = jnp.where(seen_BV | (counts_BV > 0), penalized_BV, logits_BV)
   return (
     logits_BV
-    - cfg.frequency_penalty * counts_BV
-    - cfg.presence_penalty * (counts_BV > 0).astype(logits_BV.dtype)
+    - column(frequency_B) * counts_BV
+    - column(presence_B) * (counts_BV > 0).astype(logits_BV.dtype)
   )
 
 
