@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -33,16 +34,25 @@ def rss_bytes(pid: int) -> int:
 
 
 def start_server(checkpoint: str, *flags):
+  """A server in a subprocess (its output in a log file), once /health answers -> (proc, url)."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   command = [sys.executable, "-m", "decoderjax.serve", f"--checkpoint={checkpoint}",
              f"--port={port}", "--served_model_name=m", *flags]  # fmt: skip
-  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  for line in proc.stdout:
-    if line.startswith("listening"):
-      return proc, f"http://127.0.0.1:{port}"
-  raise RuntimeError("the server did not start")
+  log = tempfile.NamedTemporaryFile("w+", prefix="decoderjax-serve-", suffix=".log", delete=False)
+  proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    try:
+      if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+        return proc, url
+    except httpx.HTTPError:
+      time.sleep(0.2)
+  proc.kill()
+  with open(log.name) as f:
+    raise RuntimeError(f"the server did not start:\n{f.read()[-3000:]}")
 
 
 def body(prompt: str, max_tokens: int, **extra) -> dict:

@@ -16,7 +16,6 @@ import asyncio
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -64,18 +63,11 @@ def workload(directory: str, n: int, seed: int = 0) -> list[dict]:
 
 
 def start_server(directory: str, slots: int, max_len: int):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  command = [sys.executable, "-m", "decoderjax.serve", f"--checkpoint={directory}",
-             f"--port={port}", f"--slots={slots}", f"--max_seq_len={max_len}",
-             "--served_model_name=m"]  # fmt: skip
-  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  for line in proc.stdout:
-    print("  server:", line.rstrip(), flush=True)
-    if line.startswith("listening"):
-      return proc, f"http://127.0.0.1:{port}/v1"
-  raise RuntimeError("the server did not start")
+  import serve_reliability
+
+  flags = (f"--slots={slots}", f"--max_seq_len={max_len}")
+  proc, url = serve_reliability.start_server(directory, *flags)
+  return proc, f"{url}/v1"
 
 
 async def one(client, request) -> dict:

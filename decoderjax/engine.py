@@ -13,6 +13,7 @@ import dataclasses
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import flax
@@ -163,7 +164,7 @@ class Request:
   """One sequence to continue (one choice of a completion). `emit(event)` receives, from the
   engine's thread: {"prompt_logprobs": [...]} first when `prompt_logprobs`, then per token
   {"token", "text", "logprob", "top"}, and last {"finish_reason", "text", "prompt_tokens",
-  "completion_tokens"}; finish reasons are "stop", "length" or "cancelled"."""
+  "completion_tokens"}; finish reasons are "stop", "length", "cancelled" or "error"."""
 
   prompt: list[int]
   max_tokens: int  # 0: score the prompt only (with prompt_logprobs)
@@ -287,11 +288,18 @@ class Engine:
     """The loop: admit into free slots, step every slot, until `stop` is set."""
     with sharding.activate(self.mesh):
       while not stop.is_set():
-        self._admit()
-        if self.live:
-          self._step()
-        else:
-          self._wait(stop)
+        try:
+          self._admit()
+          if self.live:
+            self._step()
+          else:
+            self._wait(stop)
+        except Exception:  # a failed program: its requests end with "error", the loop goes on
+          traceback.print_exc()
+          for live in self.live.values():
+            live.finish("error")
+          self.live.clear()
+          self.batch = self._empty_batch(self.cfg.prompt_tokens + self.max_len)
     self.cancel_all()
 
   def cancel_all(self) -> None:

@@ -41,6 +41,13 @@ REMAT_POLICIES = {
 }
 
 
+def _slots(index: Array, t: int) -> Array:
+  """The cache slots t new tokens are written to: [T] from a shared index, [B, T] per row."""
+  if index.ndim == 0:
+    return index + jnp.arange(t)
+  return index[:, None] + jnp.arange(t)[None, :]
+
+
 def positions_from_segments(segment_ids_BT: Array) -> Array:
   """Positions that restart at 0 at the first token of each packed document."""
   t = jnp.arange(segment_ids_BT.shape[1])
@@ -120,7 +127,7 @@ class Decoder(nn.Module):
       if cache is None:
         positions_BT = positions_from_segments(segment_ids_BT)
       else:
-        positions_BT = jnp.broadcast_to(cache.index[..., None] + jnp.arange(t), (b, t))
+        positions_BT = jnp.broadcast_to(_slots(cache.index, t), (b, t))
     x_BTD, positions_BT, segment_ids_BT, embedding = self.embed(
       tokens_BT, positions_BT, segment_ids_BT, embed_delta_BTD, prepend, cache, deterministic
     )
@@ -213,7 +220,7 @@ class Decoder(nn.Module):
         mask_BTS |= (q_slot_T[None, :, None] >= q_slot_T[None, None, :]) & prompt_S
       return mask_BTS, None
     # attend to the cache's earlier slots and to the new tokens; written after the layers
-    args = (segment_ids_BT, positions_BT, cache.index[..., None] + q_slot_T)  # [T] or [B, T]
+    args = (segment_ids_BT, positions_BT, _slots(cache.index, len(q_slot_T)))
     old_BTS = None  # the first call of a sequence: the cache holds nothing to attend to
     if not start:
       old_BTS = attention_mask(

@@ -2,8 +2,8 @@
 and /v1/chat/completions (streamed as server-sent events with `stream=true`), GET /health.
 
 Errors come in OpenAI's envelope, {"error": {"message", "type", "param", "code"}}: 400 for bad
-fields, 401 for a wrong API key, 404 for an unknown model, 429 when the queue is full, 503
-while shutting down.
+fields, 401 for a wrong API key, 404 for an unknown model, 429 when the queue is full, 500 when
+the engine fails, 503 while shutting down.
 """
 
 from __future__ import annotations
@@ -160,6 +160,11 @@ def _sse(data) -> str:
   return f"data: {json.dumps(data)}\n\n"
 
 
+def _stream_error(reason: str) -> str:
+  message = "the server shut down" if reason == "cancelled" else "the engine failed (see its log)"
+  return _sse({"error": {"message": message, "type": "server_error"}})
+
+
 class Server:
   """The API over one engine serving one model under `name`."""
 
@@ -270,7 +275,10 @@ def _usage(prompts, events) -> dict:
 
 
 def _finished(events) -> None:
-  if any(e[-1]["finish_reason"] == "cancelled" for e in events):
+  reasons = {e[-1]["finish_reason"] for e in events}
+  if "error" in reasons:
+    raise APIError(500, "the engine failed while running the request (see the server's log)")
+  if "cancelled" in reasons:
     raise APIError(503, "the server shut down before the request finished")
 
 
@@ -344,8 +352,8 @@ async def completion_stream(server: Server, body: CompletionBody, prompts, call:
         yield chunk(index, event["text"], lp)
       if "finish_reason" in event:
         done[index] = event
-        if event["finish_reason"] == "cancelled":
-          yield _sse({"error": {"message": "the server shut down", "type": "server_error"}})
+        if event["finish_reason"] in ("cancelled", "error"):
+          yield _stream_error(event["finish_reason"])
           return
         yield chunk(index, event["text"], finish=event["finish_reason"])
     if body.include_usage():
@@ -378,8 +386,8 @@ async def chat_stream(server: Server, body: ChatBody, prompts, call: _Call):
         yield chunk(index, {"content": event["text"]}, lp)
       if "finish_reason" in event:
         done[index] = event
-        if event["finish_reason"] == "cancelled":
-          yield _sse({"error": {"message": "the server shut down", "type": "server_error"}})
+        if event["finish_reason"] in ("cancelled", "error"):
+          yield _stream_error(event["finish_reason"])
           return
         if event["text"]:
           yield chunk(index, {"content": event["text"]})

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,11 @@ import numpy as np
 import openai
 import pytest
 
-from decoderjax import modeldir
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import serve_reliability  # noqa: E402
+
+from decoderjax import modeldir  # noqa: E402
 from decoderjax.config import get_preset
 from decoderjax.model import Decoder
 from decoderjax.tokenizer import CharTokenizer
@@ -47,24 +50,10 @@ def model_dir(tmp_path_factory):
 
 
 def start_server(directory, *flags):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  command = [sys.executable, "-m", "decoderjax.serve", f"--checkpoint={directory}",
-             f"--port={port}", f"--max_seq_len={CONTEXT}", *flags]  # fmt: skip
-  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"server exited: {proc.stdout.read()}")
-    try:
-      if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-        return proc, url
-    except httpx.HTTPError:
-      time.sleep(0.2)
-  proc.kill()
-  raise AssertionError("server did not start")
+  """The serve binary in a subprocess, once /health answers -> (proc, base URL)."""
+  flags = (f"--max_seq_len={CONTEXT}", "--served_model_name=tiny", *flags)  # last flag wins
+  proc, url = serve_reliability.start_server(directory, *flags)
+  return proc, url
 
 
 @pytest.fixture(scope="module")
@@ -245,9 +234,6 @@ def test_sigterm_lets_running_requests_finish(model_dir):
 
 def test_a_storm_of_clients_leaves_the_server_as_it_found_it(model_dir):
   """256 requests from 64 clients, one in eight malformed, one in eight dropped mid-stream."""
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-  import serve_reliability
-
   result = serve_reliability.run(
     model_dir[0], requests=256, clients=64, new=24, slots=8, max_len=CONTEXT
   )
