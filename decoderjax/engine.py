@@ -293,7 +293,7 @@ class Engine:
           if self.live:
             self._step()
           else:
-            self._wait(stop)
+            self._wait()
         except Exception:  # a failed program: its requests end with "error", the loop goes on
           traceback.print_exc()
           for live in self.live.values():
@@ -314,7 +314,7 @@ class Engine:
         return
       _Live(request, self.model.tokenizer).finish("cancelled")
 
-  def _wait(self, stop: threading.Event) -> None:
+  def _wait(self) -> None:
     try:
       request = self.pending.get(timeout=0.05)
     except queue.Empty:

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from decoderjax import tasks
-from decoderjax.engine import Engine
+from decoderjax.engine import SETTINGS, Engine
 from decoderjax.engine import Request as EngineRequest
 
 
@@ -67,8 +67,7 @@ class _Body(BaseModel):
   def settings(self, generation: dict) -> dict:
     """Sampling settings: the request's, else the model directory's generation.json."""
     values = {}
-    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                "frequency_penalty", "presence_penalty"):  # fmt: skip
+    for key in SETTINGS:
       value = getattr(self, key)
       value = generation.get(key) if value is None else value
       if value is not None:
