@@ -33,11 +33,13 @@ def attention_mask(
   sliding_window: int | None,
 ) -> Array:
   """Boolean [B, T, S]: causal by slot, same document (segment id), key not padding (id 0).
-  Slots are [T] and [S], or per row [B, T] and [B, S]."""
+  A key of a negative segment id is a prefix every document of its row sees (scoring runs a
+  shared context once). Slots are [T] and [S], or per row [B, T] and [B, S]."""
   q_slot_BT = jnp.broadcast_to(q_slot_T, q_segment_BT.shape)
   k_slot_BS = jnp.broadcast_to(k_slot_S, k_segment_BS.shape)
   mask = k_slot_BS[:, None, :] <= q_slot_BT[:, :, None]
-  mask &= q_segment_BT[:, :, None] == k_segment_BS[:, None, :]
+  same_BTS = q_segment_BT[:, :, None] == k_segment_BS[:, None, :]
+  mask &= same_BTS | (k_segment_BS < 0)[:, None, :]
   mask &= (k_segment_BS != 0)[:, None, :]
   if sliding_window is not None:
     mask &= (q_position_BT[:, :, None] - k_position_BS[:, None, :]) < sliding_window

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from decoderjax.cache import KVCache, init_cache
 from decoderjax.config import ModelConfig
-from decoderjax.sampling import NEG_INF, cached_forward, prompt_positions
+from decoderjax.sampling import NEG_INF, cached_forward, last_position, prompt_positions
 
 Array = jax.Array
 
@@ -133,9 +133,11 @@ def beam_search(
   repeat = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B * K, ...], beams of a row together
   cache = init_cache(cfg, b * k, cfg.prompt_tokens + t + n)
   positions_BT = prompt_positions(mask_BT)
+  tokens_BT = repeat(prompt_BT)
   logits_BTV, cache = cached_forward(
-    params, cfg, repeat(prompt_BT), repeat(positions_BT), repeat(mask_BT), cache, True
-  )
+    params, cfg, tokens_BT, repeat(positions_BT), repeat(mask_BT), cache, True,
+    last_position(tokens_BT),
+  )  # fmt: skip
   keep = max(2, 1 + stop_ids.shape[0]) * k
   w = _Search(
     params, cfg, stop_ids, b, k, n, keep, length_penalty, early_stopping, positions_BT[:, -1]

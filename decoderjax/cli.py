@@ -49,20 +49,26 @@ def define_mesh_flags():
   """--mesh_data/--mesh_fsdp/--mesh_tensor for the inference binaries; returns a mesh getter."""
   sizes = {
     axis: flags.DEFINE_integer(f"mesh_{axis}", 0, f"Devices on the {axis} axis (0: unsharded).")
-    for axis in ("data", "fsdp", "tensor")
+    for axis in MESH_AXES
   }
+  return lambda: inference_mesh(**{axis: flag.value for axis, flag in sizes.items()})
 
-  def mesh():
-    from decoderjax import sharding
 
-    if not any(flag.value for flag in sizes.values()):
-      return None
-    values = {axis: flag.value or 1 for axis, flag in sizes.items()}
-    if not sizes["data"].value:
-      values["data"] = -1
-    return sharding.make_mesh(sharding.MeshConfig(**values))
+MESH_AXES = ("data", "fsdp", "tensor")
 
-  return mesh
+
+def inference_mesh(data: int = 0, fsdp: int = 0, tensor: int = 0):
+  """The mesh an inference tool runs on: None when every size is 0 (one device, unsharded);
+  else the sizes given, 1 for the others, and data taking the remaining devices if not given."""
+  sizes = {"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}
+  if not any(sizes.values()):
+    return None
+  from decoderjax import sharding
+
+  values = {axis: size or 1 for axis, size in sizes.items()}
+  if not sizes["data"]:
+    values["data"] = -1
+  return sharding.make_mesh(sharding.MeshConfig(**values))
 
 
 def host_fingerprint() -> str:
@@ -77,9 +83,10 @@ def host_fingerprint() -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def enable_compilation_cache(directory: str | None) -> None:
+def enable_compilation_cache(directory: str | None, min_seconds: float | None = None) -> None:
   """Turns on JAX's persistent compilation cache in `directory` (None: the default above;
-  'none': off). Programs that compile in under a second are not stored."""
+  'none': off). Programs that compile in under `min_seconds` are not stored (None: JAX's
+  default, a second)."""
   import jax  # here, not at the top: binaries that never compile (prepare) never load JAX
 
   if directory is None:
@@ -88,6 +95,8 @@ def enable_compilation_cache(directory: str | None) -> None:
     )
   off = directory.lower() == "none"
   jax.config.update("jax_compilation_cache_dir", None if off else directory)
+  if min_seconds is not None:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
 
 
 def write_json(path: str, values) -> None:

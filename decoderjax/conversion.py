@@ -106,6 +106,12 @@ def export_hf(source: str, output: str) -> None:
     with open(os.path.join(staging, "generation_config.json"), "w") as f:
       json.dump(gen, f, indent=2)
     tok._save_files(staging)  # tokenizer.json or tokenizer.model, the names HF uses too
-    template = model.generation.get("chat_template")
+    tok_config = {
+      f"{name}_token": tok.token_text(token_id)
+      for name, token_id in (("bos", tok.bos_id), ("eos", tok.eos_id))
+      if token_id is not None
+    }  # transformers' tokenizers learn their special tokens from here, not config.json
+    if model.generation.get("chat_template"):
+      tok_config["chat_template"] = model.generation["chat_template"]
     with open(os.path.join(staging, "tokenizer_config.json"), "w") as f:
-      json.dump({"chat_template": template} if template else {}, f, indent=2)
+      json.dump(tok_config, f, indent=2)

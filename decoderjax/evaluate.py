@@ -1,9 +1,14 @@
 """Scores a model: python -m decoderjax.evaluate --checkpoint=DIR (--text_file=F | --data_path=F).
 
-A language model on --text_file: the token count, mean next-token loss and perplexity over the
-whole file. On --data_path (JSONL {"prompt", "completion"} or chat records): the loss over the
-completion tokens only. A classifier on --data_path (JSONL or CSV {"text", "label"}):
-accuracy, macro-F1, the example count and the mean loss.
+--text_file: the text scored as lm-eval's wikitext and transformers' perplexity guide do: its own
+tokens only (no end-of-text target), the first read after BOS (else end-of-text) where the
+tokenizer has one, long texts in windows of --seq_len tokens starting every --stride tokens,
+each token predicted once. Reports the log-likelihood, token-, word- and byte-level perplexity
+and bits per byte.
+--data_path with a language model (SFT records {"prompt", "completion"} or chat): the loss over
+the completion tokens; with --generate, greedy completions of every prompt too, scored against
+the record's answer (exact match, ROUGE-L, BLEU, chrF) with the generation speed.
+--data_path with a classifier ({"text", "label"}): accuracy, macro-F1, examples, mean loss.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 
 import jax
 from absl import flags
 
-from decoderjax import cli, data, metrics, modeldir, sharding, tasks
+from decoderjax import cli, data, generator, metrics, modeldir, scoring, sharding, tasks
 from decoderjax.steps import LossConfig, eval_step
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
@@ -26,7 +32,19 @@ _DATA_PATH = flags.DEFINE_string(
 _SEQ_LEN = flags.DEFINE_integer(
   "seq_len", 0, "Window / row length (0: the training data.seq_len, else max_seq_len)."
 )
+_STRIDE = flags.DEFINE_integer(
+  "stride", 0, "--text_file: tokens between window starts (0: --seq_len, disjoint windows)."
+)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
+_GENERATE = flags.DEFINE_bool(
+  "generate", False, "--data_path SFT records: also generate greedy answers and score them."
+)
+_MAX_NEW = flags.DEFINE_integer(
+  "max_new_tokens", 0, "--generate: tokens per answer (0: the longest reference's, plus one)."
+)
+_PREDICTIONS = flags.DEFINE_string(
+  "predictions", None, "--generate: write {where, prediction, reference} JSON lines here."
+)
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the result JSON here.")
 _MESH = cli.define_mesh_flags()
 flags.mark_flag_as_required("checkpoint")
@@ -35,7 +53,9 @@ flags.mark_flag_as_required("checkpoint")
 def row_length(model, meta: dict) -> int:
   """Rows as long as in training (config.json "seq_len"), else as the model allows."""
   room = model.config.text_len
-  return min(_SEQ_LEN.value or meta.get("seq_len") or room, room)
+  if _SEQ_LEN.value > room:
+    raise ValueError(f"--seq_len={_SEQ_LEN.value} exceeds the model's room of {room} tokens")
+  return _SEQ_LEN.value or min(meta.get("seq_len") or room, room)
 
 
 def score(model, batches, mesh) -> dict:
@@ -52,35 +72,90 @@ def score(model, batches, mesh) -> dict:
   return {"tokens": int(weight), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
-def main(argv):
-  del argv
+def score_text(model, path: str, seq_len: int, mesh) -> dict:
+  """A text's log-likelihood in windows, and its perplexities."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  tok = model.tokenizer
+  prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+  windows = scoring.text_windows(tok.encode(text), prefix, seq_len, _STRIDE.value or seq_len)
+  scorer = scoring.Scorer(model.params, model.config, _BATCH.value, seq_len, mesh)
+  logp = sum(lp for lp, _ in scorer.score(windows))
+  predicted = int(sum(weights.sum() for _, _, weights in windows))
+  return {"windows": len(windows), "logprob": logp, **scoring.perplexities(logp, predicted, text)}
+
+
+def score_generations(model, records, fields, mesh) -> dict:
+  """Greedy answers to every record's prompt against its reference, and the speed."""
+  template = model.generation.get("chat_template")
+  where = [f"{p}:{n}" for p, n, _ in records]
+  pairs = [tasks.generation_example(r, model.tokenizer, fields, template, w)
+           for w, (_, _, r) in zip(where, records, strict=True)]  # fmt: skip
+  prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+  max_new = _MAX_NEW.value or 1 + max(len(model.tokenizer.encode(r)) for r in references)
+  room = model.config.text_len - max_new
+  if room < 1:
+    raise ValueError(f"--max_new_tokens={max_new} leaves no room in {model.config.text_len}")
+  if any(len(p) > room for p in prompts):
+    print(f"note: prompts over {room} tokens lose their start (left truncation)", file=sys.stderr)
+  sampling = generator.sampling_config({}, temperature=0.0)
+  stops = generator.stop_ids(model.tokenizer, model.generation)
+  gen = generator.Generator(model, generator.GenerateConfig(max_new, sampling, stops), mesh)
+  results, t = gen.batched([p[-room:] for p in prompts], _BATCH.value)
+  predictions = [r["text"] for r in results]
+  if _PREDICTIONS.value:
+    rows = zip(where, predictions, references, strict=True)
+    with open(_PREDICTIONS.value, "w", encoding="utf-8") as f:
+      for w, p, r in rows:
+        f.write(json.dumps({"where": w, "prediction": p, "reference": r}) + "\n")
+  seconds = t["prefill_s"] + t["decode_s"]
+  return {
+    **metrics.generation_metrics(predictions, references),
+    "generated_tokens": t["new_tokens"],
+    "generation_tokens_per_s": t["new_tokens"] / max(seconds, 1e-9),
+    "compile_s": t["compile_s"],
+  }
+
+
+def check_flags(model) -> None:
+  """One source to score, and no flag its mode would not use."""
   if (_TEXT_FILE.value is None) == (_DATA_PATH.value is None):
     raise ValueError("give exactly one of --text_file (plain text) or --data_path (records)")
+  generating = _DATA_PATH.value is not None and not model.config.num_labels and _GENERATE.value
+  for name, value, applies in (
+    ("--stride", _STRIDE.value, _TEXT_FILE.value is not None),
+    ("--generate", _GENERATE.value, _DATA_PATH.value is not None and not model.config.num_labels),
+    ("--max_new_tokens", _MAX_NEW.value, generating),
+    ("--predictions", _PREDICTIONS.value, generating),
+  ):
+    if value and not applies:
+      raise ValueError(f"{name} does not apply to this evaluation")
+  if model.config.num_labels and _DATA_PATH.value is None:
+    raise ValueError(f"{_CHECKPOINT.value} is a classifier: give --data_path=RECORDS")
+
+
+def main(argv):
+  del argv
   mesh = _MESH()
-  model = modeldir.load_model_dir(_CHECKPOINT.value, mesh)
-  meta = model.metadata
-  tok, seq_len = model.tokenizer, row_length(model, meta)
+  model = (generator.load if _GENERATE.value else modeldir.load_model_dir)(_CHECKPOINT.value, mesh)
+  check_flags(model)
+  tok, seq_len, meta = model.tokenizer, row_length(model, model.metadata), model.metadata
   fields = dataclasses.replace(data.DataConfig(), **meta.get("data_fields", {}))
-  if model.config.num_labels:
-    if _DATA_PATH.value is None:
-      raise ValueError(f"{_CHECKPOINT.value} is a classifier: give --data_path=RECORDS")
+  if _TEXT_FILE.value is not None:
+    result = score_text(model, _TEXT_FILE.value, seq_len, mesh)
+  elif model.config.num_labels:
     records = tasks.read_records(_DATA_PATH.value)
     rows = tasks.classify_rows(records, tok, fields, seq_len, model.labels)
     result = score(model, tasks.row_batches(rows, _BATCH.value), mesh)
-  elif _DATA_PATH.value is not None:
+  else:
     records = tasks.read_records(_DATA_PATH.value)
     template = model.generation.get("chat_template")
     examples = [tasks.sft_example(r, tok, fields, template, f"{p}:{n}") for p, n, r in records]
     rows, _ = tasks.pack_sft(examples, seq_len, False, 0)
     result = {**score(model, tasks.row_batches(rows, _BATCH.value), mesh)}
     result["examples"] = len(examples)
-  else:
-    with open(_TEXT_FILE.value, encoding="utf-8") as f:
-      tokens = data.tokenize_stream([f.read()], tok)
-    seq_len = min(_SEQ_LEN.value or model.config.max_seq_len, len(tokens) - 1)
-    if seq_len < 1:
-      raise ValueError(f"{_TEXT_FILE.value} has too few tokens to score")
-    result = score(model, data.eval_batches(tokens, seq_len, _BATCH.value, tok.eos_id), mesh)
+    if _GENERATE.value:
+      result.update(score_generations(model, records, fields, mesh))
   print(json.dumps(result))
   if _OUTPUT_JSON.value:
     cli.write_json(_OUTPUT_JSON.value, result)

@@ -72,7 +72,11 @@ def stop_ids(tokenizer, generation: dict) -> tuple[int, ...]:
 
 def load(directory: str, mesh=None, kv_cache: str = "auto") -> modeldir.ModelDir:
   """A model directory in the layout generation reads fastest (layout.for_generation)."""
-  model = modeldir.load_model_dir(directory, mesh)
+  return for_generation(modeldir.load_model_dir(directory, mesh), kv_cache)
+
+
+def for_generation(model: modeldir.ModelDir, kv_cache: str = "auto") -> modeldir.ModelDir:
+  """`model` switched, in place, to the generation layout and the KV-cache kind given."""
   model.params, model.config = layout.for_generation(model.params, model.config)
   model.config = model.config.replace(kv_cache=kv_cache)
   return model
@@ -168,6 +172,25 @@ class Generator:
       results.append({"text": text, "tokens": sampling.new_tokens(row, n, self.config.stop_ids)})
     timings["new_tokens"] = int(lengths.sum())
     return results, timings
+
+  def batched(self, encoded: list[list[int]], batch_size: int, progress=None):
+    """Many prompts, `batch_size` a call, longest first (a short last batch is filled with
+    copies, so each prompt bucket compiles once) -> (results in order, summed timings);
+    `progress(n)` hears of each batch."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    results, totals = [None] * len(encoded), {"compile_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
+    for first in range(0, len(order), batch_size):
+      chunk = order[first : first + batch_size]
+      rows = [encoded[i] for i in chunk]
+      out, timings = self(rows + [rows[0]] * (batch_size - len(rows)))
+      for i, result in zip(chunk, out, strict=False):
+        results[i] = result
+      for key in totals:
+        totals[key] += timings[key]
+      if progress is not None:
+        progress(len(chunk))
+    totals["new_tokens"] = sum(len(r["tokens"]) for r in results)
+    return results, totals
 
   def _compile(self, tokens, mask, rng) -> float:
     """Compiles this shape's programs unless compiled already; returns the seconds it took."""

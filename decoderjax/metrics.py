@@ -1,10 +1,12 @@
-"""FLOP accounting, machine peaks, and the training logger (JSONL, TensorBoard, terminal)."""
+"""FLOP accounting, machine peaks, classification and generation-quality scores, and the
+training logger (JSONL, TensorBoard, terminal)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -67,6 +69,40 @@ def classification_metrics(predictions_N, labels_N, num_labels: int) -> dict[str
     f1.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
   accuracy = float(np.mean(predictions_N == labels_N)) if len(labels_N) else 0.0
   return {"accuracy": accuracy, "macro_f1": float(np.mean(f1)), "examples": int(len(labels_N))}
+
+
+# CJK ideographs, kana and hangul: one token a character (rouge-score's tokenizer drops them).
+CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+
+
+class _RougeTokens:
+  """rouge-score's tokenization (lowercase alphanumeric runs) that keeps CJK characters."""
+
+  pattern = re.compile(f"[{CJK}]|[^\\W_{CJK}]+")
+
+  def tokenize(self, text: str) -> list[str]:
+    return self.pattern.findall(text.lower())
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+  """Exact match (after stripping whitespace), ROUGE-L F1 (rouge-score), corpus BLEU and chrF
+  (sacrebleu, 0-100; BLEU tokenized for Chinese when a reference has CJK text)."""
+  try:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+  except ImportError:
+    raise ImportError("generation metrics need `pip install decoderjax[eval]`") from None
+  pairs = list(zip(predictions, references, strict=True))
+  scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokens())
+  rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs]
+  cjk = any(re.search(f"[{CJK}]", r) for r in references)
+  bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize="zh" if cjk else "13a")
+  return {
+    "exact_match": float(np.mean([p.strip() == r.strip() for p, r in pairs])),
+    "rougeL": float(np.mean(rouge)),
+    "bleu": float(bleu.score),
+    "chrf": float(sacrebleu.corpus_chrf(predictions, [references]).score),
+  }
 
 
 def eval_totals(outputs, num_labels: int = 0) -> dict:

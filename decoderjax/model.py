@@ -101,6 +101,7 @@ class Decoder(nn.Module):
     return_hidden: bool = False,
     start: bool = False,
     embed_delta_BTD: Array | None = None,
+    logits_at_BN: Array | None = None,
   ):
     """Returns (logits [B, T, V] float32, updated cache or None).
 
@@ -108,6 +109,8 @@ class Decoder(nn.Module):
     restart per document. With a cache, the tokens are written at `cache.index` and attend to
     every earlier slot of the same segment; `start` marks the first call of a sequence, into an
     empty cache (the tokens attend only to each other; a soft prompt goes first).
+    `logits_at_BN` keeps the outputs at those positions of each row only (prefill wants the
+    last; scoring the continuation's), so the head's matmul runs on them alone.
     `return_hidden` returns final hidden states instead of logits; `embed_delta_BTD` is added to
     the token embeddings (adversarial training). A classifier (`num_labels`) returns class
     logits [B, T, C] at every position.
@@ -146,6 +149,8 @@ class Decoder(nn.Module):
       new_cache = cache.written(new_kv, segment_ids_BT, positions_BT)
     if prepend:  # outputs of the text tokens only
       x_BTD = x_BTD[:, p:]
+    if logits_at_BN is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, logits_at_BN[..., None], axis=1)
     if return_hidden:
       return x_BTD, new_cache
     return self.head(x_BTD, embedding, decoding=cache is not None), new_cache

@@ -134,9 +134,12 @@ class DecodeState(NamedTuple):
   counts: Array  # [B, V] int32: occurrences in the output ([B, 0] when no penalty is on)
 
 
-def bucket_length(n: int, limit: int, smallest: int = 16) -> int:
-  """Prompt lengths round up to a power of two (at most `limit`): few shapes, few compiles."""
+def bucket_length(n: int, limit: int, smallest: int = 16, fine: bool = False) -> int:
+  """Prompt lengths round up to a power of two (at most `limit`): few shapes, few compiles.
+  `fine` adds the midpoints (24, 48, 96, ...): at most a third of a row is padding."""
   bucket = max(smallest, 1 << max(n - 1, 0).bit_length())
+  if fine and bucket > smallest and 3 * bucket // 4 >= n:
+    bucket = 3 * bucket // 4
   return max(n, min(bucket, limit))
 
 
@@ -166,7 +169,9 @@ def prompt_positions(mask_BT: Array) -> Array:
   return jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
 
 
-def cached_forward(params, cfg, tokens_BT, positions_BT, segments_BT, cache, start=False):
+def cached_forward(
+  params, cfg, tokens_BT, positions_BT, segments_BT, cache, start=False, logits_at_BN=None
+):
   """The model over `cache` -> (logits, the cache with these tokens written)."""
   return Decoder(cfg).apply(
     {"params": params},
@@ -175,7 +180,14 @@ def cached_forward(params, cfg, tokens_BT, positions_BT, segments_BT, cache, sta
     segments_BT.astype(jnp.int32),
     cache=cache,
     start=start,
+    logits_at_BN=logits_at_BN,
   )
+
+
+def last_position(tokens_BT: Array) -> Array:
+  """[B, 1] index of each left-padded row's last token: the one prefill needs logits of."""
+  b, t = tokens_BT.shape
+  return jnp.full((b, 1), t - 1, jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "pad_id"))
@@ -193,7 +205,9 @@ def prefill(
   b, t = prompt_BT.shape
   cache = init_cache(cfg, b, cfg.prompt_tokens + t + max_new_tokens)
   positions_BT = prompt_positions(mask_BT)
-  logits_BTV, cache = cached_forward(params, cfg, prompt_BT, positions_BT, mask_BT, cache, True)
+  logits_BTV, cache = cached_forward(
+    params, cfg, prompt_BT, positions_BT, mask_BT, cache, True, last_position(prompt_BT)
+  )
   v = logits_BTV.shape[-1] if sampling.penalized else 0
   seen_BV = jnp.zeros((b, v), bool)
   if v:

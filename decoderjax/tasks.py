@@ -121,6 +121,21 @@ def sft_example(
   )
 
 
+def generation_example(
+  record: dict, tok: Tokenizer, cfg: DataConfig, chat_template: str | None, where: str
+) -> tuple[list[int], str]:
+  """One SFT record -> (prompt tokens as training saw them, the reference answer): the prompt
+  field and its completion, or a conversation up to its last assistant message."""
+  if cfg.messages_field in record:
+    messages = record[cfg.messages_field]
+    sft_example(record, tok, cfg, chat_template, where)  # the same checks as training's
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = render_chat(chat_template, messages[:last], tok, add_generation_prompt=True)
+    return tok.encode(prompt), messages[last]["content"]
+  tokens, mask = sft_example(record, tok, cfg, chat_template, where)
+  return tokens[: mask.index(True)], _text(record, cfg.completion_field, where)
+
+
 def _chat_example(messages, tok, template, cfg: DataConfig, where: str):
   """Tokens of a rendered conversation; the mask covers each assistant message's span."""
   if template is None:

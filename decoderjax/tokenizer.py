@@ -26,11 +26,21 @@ class Tokenizer:
   eos_id: int | None = None
   bos_id: int | None = None
 
+  @property
+  def adds_bos(self) -> bool:
+    """Whether the tokenizer's own library puts BOS before a text by default (`encode` never
+    does): evaluation harnesses encode texts that way."""
+    return False
+
   def encode(self, text: str) -> list[int]:
     raise NotImplementedError
 
   def decode(self, ids: Iterable[int]) -> str:
     raise NotImplementedError
+
+  def token_text(self, token_id: int) -> str:
+    """One token as its vocabulary spells it (special tokens too: "<|endoftext|>")."""
+    return self.decode([token_id])
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
     """Each text's ids as an integer array (subclasses batch the work where their library can)."""
@@ -189,6 +199,9 @@ class SentencePieceTokenizer(Tokenizer):
   def decode(self, ids: Iterable[int]) -> str:
     return self.sp.decode([int(i) for i in ids])
 
+  def token_text(self, token_id: int) -> str:
+    return self.sp.id_to_piece(token_id)
+
   def _save_files(self, directory: str) -> None:
     with open(os.path.join(directory, self.FILE), "wb") as f:
       f.write(self.model_proto)
@@ -222,6 +235,14 @@ class HFTokenizer(Tokenizer):
         return token_id
     return None
 
+  @property
+  def adds_bos(self) -> bool:
+    """tokenizer.json's post-processor prepends BOS (Llama's TemplateProcessing does)."""
+    if self.bos_id is None:
+      return False
+    plain, special = (self.tok.encode("a", add_special_tokens=s).ids for s in (False, True))
+    return special[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
+
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
 
@@ -234,6 +255,9 @@ class HFTokenizer(Tokenizer):
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def token_text(self, token_id: int) -> str:
+    return self.tok.id_to_token(token_id)
 
   def _config(self) -> dict:
     return {"eos_id": self.eos_id, "bos_id": self.bos_id}

@@ -155,6 +155,8 @@ def test_bucket_length():
   assert [sampling.bucket_length(n, 1000) for n in (1, 16, 17, 100, 600)] == [16, 16, 32, 128, 1000]
   assert sampling.bucket_length(100, 110) == 110  # capped by the room left in the context
   assert sampling.bucket_length(120, 110) == 120  # never shorter than the prompt
+  fine = [sampling.bucket_length(n, 1000, fine=True) for n in (1, 16, 17, 25, 33, 49, 97, 600)]
+  assert fine == [16, 16, 24, 32, 48, 64, 128, 768]
 
 
 # Parity with transformers' generate on converted tiny random models.
