@@ -253,7 +253,7 @@ def perplexities(logp: float, tokens: int, text: str) -> dict:
     "words": words,
     "bytes": nbytes,
     "loss": -logp / tokens,
-    "token_perplexity": exp(-logp / tokens),
+    "perplexity": exp(-logp / tokens),
     "word_perplexity": exp(-logp / words),
     "byte_perplexity": exp(-logp / nbytes),
     "bits_per_byte": -logp / nbytes / math.log(2),
