@@ -93,15 +93,13 @@ def score_generations(model, records, fields, mesh) -> dict:
            for w, (_, _, r) in zip(where, records, strict=True)]  # fmt: skip
   prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
   max_new = _MAX_NEW.value or 1 + max(len(model.tokenizer.encode(r)) for r in references)
-  room = model.config.text_len - max_new
-  if room < 1:
-    raise ValueError(f"--max_new_tokens={max_new} leaves no room in {model.config.text_len}")
-  if any(len(p) > room for p in prompts):
-    print(f"note: prompts over {room} tokens lose their start (left truncation)", file=sys.stderr)
+  prompts, cut = generator.fit_prompts(prompts, model.config.text_len, max_new)
+  if cut:
+    print(f"note: {cut} prompt(s) lose their start (left truncation)", file=sys.stderr)
   sampling = generator.sampling_config({}, temperature=0.0)
   stops = generator.stop_ids(model.tokenizer, model.generation)
   gen = generator.Generator(model, generator.GenerateConfig(max_new, sampling, stops), mesh)
-  results, t = gen.batched([p[-room:] for p in prompts], _BATCH.value)
+  results, t = gen.batched(prompts, _BATCH.value)
   predictions = [r["text"] for r in results]
   if _PREDICTIONS.value:
     rows = zip(where, predictions, references, strict=True)

@@ -82,6 +82,15 @@ def for_generation(model: modeldir.ModelDir, kv_cache: str = "auto") -> modeldir
   return model
 
 
+def fit_prompts(encoded: list[list[int]], length: int, max_new_tokens: int):
+  """Prompts cut from the left to leave `max_new_tokens` of `length` (as lm-eval's hf backend
+  cuts them) -> (the prompts, how many were cut)."""
+  room = length - max_new_tokens
+  if room < 1:
+    raise ValueError(f"{max_new_tokens} new tokens leave no room for a prompt in {length}")
+  return [e[-room:] for e in encoded], sum(len(e) > room for e in encoded)
+
+
 class StopStrings:
   """Cuts each row's text at the first stop string; holds back text that may begin one."""
 

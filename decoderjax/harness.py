@@ -67,7 +67,7 @@ class DecoderJaxLM(TemplateLM):
       self.model.params, cfg, self._batch_size, self._max_length, self.mesh
     )
     self.generators: dict[GenerateConfig, Generator] = {}
-    self.warned = set()
+    self.said_truncated = False
 
   @classmethod
   def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
@@ -203,13 +203,11 @@ class DecoderJaxLM(TemplateLM):
     if config not in self.generators:
       self.generators[config] = Generator(self.model, config, self.mesh)
     gen = self.generators[config]
-    room = self.max_length - config.max_new_tokens
-    if room < 1:
-      raise ValueError(f"max_gen_toks={config.max_new_tokens} leaves no room in {self.max_length}")
     encoded = [self.tok_encode(c) for c in contexts]
-    if any(len(e) > room for e in encoded):
-      self._truncated(sum(len(e) > room for e in encoded))
-    results, _ = gen.batched([e[-room:] for e in encoded], self.batch_size, bar.update)
+    prompts, cut = generator.fit_prompts(encoded, self.max_length, config.max_new_tokens)
+    if cut:
+      self._truncated(cut)
+    results, _ = gen.batched(prompts, self.batch_size, bar.update)
     return [r["text"] for r in results]
 
   def _generate_config(self, gen_kwargs: dict) -> GenerateConfig:
@@ -229,8 +227,8 @@ class DecoderJaxLM(TemplateLM):
     return GenerateConfig(max_new, sampling, stops, tuple(until), seed=seed)
 
   def _truncated(self, count: int) -> None:
-    if "truncate" not in self.warned:
-      self.warned.add("truncate")
+    if not self.said_truncated:
+      self.said_truncated = True
       log.warning(
         "%d request(s) exceed the context of %d tokens: their contexts lose tokens from the "
         "left, as the hf backend does (said once)",

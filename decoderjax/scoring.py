@@ -102,10 +102,11 @@ def side_by_side(groups, batch_size: int, t: int):
       at += range(span.start, span.stop - 1)
       slot = span.stop
     ats.append(at)
-  at_BN = np.zeros((batch_size, sampling.bucket_length(max(map(len, ats)) or 1, t, fine=True)))
+  n = sampling.bucket_length(max(map(len, ats)) or 1, t, fine=True)
+  at_BN = np.zeros((batch_size, n), np.int32)
   for g, at in enumerate(ats):
     at_BN[g, : len(at)] = at
-  return cont, choice, positions, at_BN.astype(np.int32), source
+  return cont, choice, positions, at_BN, source
 
 
 def request_row(context: Sequence[int], continuation: Sequence[int], length: int):
