@@ -8,6 +8,9 @@ over every consecutive block-64 window of the last 10% (decoderjax's estimator),
 nanoGPT's own estimate (20 random batches), so the two projects' figures can be compared.
 
   python benchmarks/nanogpt_torch_reference.py --data=../shared/data/tinyshakespeare.txt
+
+The shape flags (--layers, --heads, --width, --block, --batch, --dropout) give other nanoGPT
+configs, e.g. the "baby GPT" of benchmarks/train_memory.py.
 """
 
 import argparse
@@ -23,9 +26,10 @@ from torch.nn import functional
 
 
 class Block(nn.Module):
-  def __init__(self, width, heads):
+  def __init__(self, width, heads, dropout=0.0):
     super().__init__()
-    self.heads = heads
+    self.heads, self.dropout = heads, dropout
+    self.drop = nn.Dropout(dropout)
     self.ln1 = nn.LayerNorm(width, bias=False)
     self.qkv = nn.Linear(width, 3 * width, bias=False)
     self.out = nn.Linear(width, width, bias=False)
@@ -37,17 +41,19 @@ class Block(nn.Module):
     b, t, d = x.shape
     q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
     q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-    y = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    x = x + self.out(y.transpose(1, 2).reshape(b, t, d))
-    return x + self.down(functional.gelu(self.up(self.ln2(x))))
+    p = self.dropout if self.training else 0.0
+    y = functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    x = x + self.drop(self.out(y.transpose(1, 2).reshape(b, t, d)))
+    return x + self.drop(self.down(functional.gelu(self.up(self.ln2(x)))))
 
 
 class GPT(nn.Module):
-  def __init__(self, vocab, block, layers, heads, width):
+  def __init__(self, vocab, block, layers, heads, width, dropout=0.0):
     super().__init__()
     self.tok = nn.Embedding(vocab, width)
     self.pos = nn.Embedding(block, width)
-    self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+    self.drop = nn.Dropout(dropout)
+    self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
     self.ln_f = nn.LayerNorm(width, bias=False)
     self.head = nn.Linear(width, vocab, bias=False)
     self.head.weight = self.tok.weight  # tied
@@ -57,7 +63,7 @@ class GPT(nn.Module):
         nn.init.normal_(p, std=std)
 
   def forward(self, idx, targets):
-    x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+    x = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
     for block in self.blocks:
       x = block(x)
     logits = self.head(self.ln_f(x))
@@ -70,6 +76,13 @@ def main():
   parser.add_argument("--steps", type=int, default=2000)
   parser.add_argument("--seed", type=int, default=1337)
   parser.add_argument("--json")
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--width", type=int, default=128)
+  parser.add_argument("--block", type=int, default=64)
+  parser.add_argument("--batch", type=int, default=12)
+  parser.add_argument("--dropout", type=float, default=0.0)
+  parser.add_argument("--no_eval", action="store_true", help="train steps only (memory runs)")
   args = parser.parse_args()
   torch.manual_seed(args.seed)
   text = open(args.data, encoding="utf-8").read()
@@ -77,7 +90,7 @@ def main():
   ids = np.array([chars.index(c) for c in text], dtype=np.int64)
   cut = int(0.9 * len(ids))
   train, val = torch.from_numpy(ids[:cut]), torch.from_numpy(ids[cut:])
-  block, batch, lr, min_lr, warmup = 64, 12, 1e-3, 1e-4, 100
+  block, batch, lr, min_lr, warmup = args.block, args.batch, 1e-3, 1e-4, min(100, args.steps // 2)
 
   def get_batch(split):
     starts = torch.randint(len(split) - block, (batch,))
@@ -92,7 +105,7 @@ def main():
     ratio = (it - warmup) / (args.steps - warmup)
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
-  model = GPT(len(chars), block, 4, 4, 128)
+  model = GPT(len(chars), block, args.layers, args.heads, args.width, args.dropout)
   decay = [p for p in model.parameters() if p.dim() >= 2]
   no_decay = [p for p in model.parameters() if p.dim() < 2]
   opt = torch.optim.AdamW(
@@ -114,6 +127,9 @@ def main():
     loss.item()
     times.append(time.perf_counter() - start)
 
+  if args.no_eval:
+    print(json.dumps({"ms_per_iter_median": 1000 * statistics.median(times[1:] or times)}))
+    return
   model.eval()
   with torch.no_grad():
     n = (len(val) - 1) // block

@@ -28,6 +28,9 @@ def parse_pruning(pattern: str) -> tuple[int, int] | None:
   return int(match[1]), int(match[2])
 
 
+VOCAB_MULTIPLE = 128  # token tables padded to this many rows split over any tensor axis up to 128
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama-3 style RoPE frequency scaling (long wavelengths stretched by `factor`)."""
@@ -42,7 +45,8 @@ class RopeScaling:
 class ModelConfig:
   """Describes a decoder-only transformer (GPT-2, Llama, Mistral, Qwen2, Gemma families)."""
 
-  vocab_size: int = 256
+  vocab_size: int = 256  # rows of the token tables
+  vocab_pad: int = 0  # of which the last are padding (tensor-parallel splits): never predicted
   max_seq_len: int = 256  # longest sequence the model accepts (size of a learned position table)
   num_layers: int = 2
   num_heads: int = 4  # query heads
@@ -128,6 +132,8 @@ class ModelConfig:
     for field in ("embed_dropout", "attn_dropout", "resid_dropout"):
       if not 0.0 <= getattr(self, field) < 1.0:
         fail(field, f"must be in [0, 1), got {getattr(self, field)}")
+    if not isinstance(self.vocab_pad, int) or not 0 <= self.vocab_pad < self.vocab_size:
+      fail("vocab_pad", f"must be in [0, vocab_size={self.vocab_size}), got {self.vocab_pad!r}")
     for field in ("num_labels", "lora_rank", "prompt_tokens"):
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
         fail(field, f"must be a non-negative integer, got {getattr(self, field)!r}")
@@ -152,6 +158,16 @@ class ModelConfig:
         fail("pruning", str(e))
     if isinstance(self.rope_scaling, dict):  # accept plain dicts (JSON, ml_collections)
       object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+  @property
+  def real_vocab(self) -> int:
+    """Token ids the model predicts: the table rows before the padding."""
+    return self.vocab_size - self.vocab_pad
+
+  def padded_vocab(self, multiple: int = VOCAB_MULTIPLE) -> ModelConfig:
+    """This config with its tables padded to a multiple of `multiple` rows."""
+    size = -(-self.real_vocab // multiple) * multiple
+    return self.replace(vocab_size=size, vocab_pad=size - self.real_vocab)
 
   @property
   def kv_heads(self) -> int:

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from decoderjax import ggufio, hf, modeldir
+from decoderjax.progress import Progress
 from decoderjax.tokenizer import HFTokenizer, SentencePieceTokenizer
 
 
@@ -21,22 +22,29 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def hf_tokenizer(directory: str, hf_config: dict):
-  """The checkpoint's tokenizer with its EOS/BOS ids, from tokenizer.json or tokenizer.model."""
+def hf_tokenizer(directory: str, hf_config: dict, tokenizer_dir: str | None = None):
+  """The checkpoint's tokenizer with its EOS/BOS ids, from tokenizer.json or tokenizer.model
+  (in `tokenizer_dir` when given: a checkpoint saved without its tokenizer)."""
   gen = _read_json(os.path.join(directory, "generation_config.json"))
   eos = gen.get("eos_token_id", hf_config.get("eos_token_id"))
   eos = eos[0] if isinstance(eos, list) else eos
   bos = gen.get("bos_token_id", hf_config.get("bos_token_id"))
-  if os.path.exists(os.path.join(directory, "tokenizer.json")):
-    with open(os.path.join(directory, "tokenizer.json")) as f:
+  where = tokenizer_dir or directory
+  if os.path.exists(os.path.join(where, "tokenizer.json")):
+    with open(os.path.join(where, "tokenizer.json")) as f:
       return HFTokenizer(f.read(), eos, bos)
-  if os.path.exists(os.path.join(directory, "tokenizer.model")):
-    return SentencePieceTokenizer.from_file(os.path.join(directory, "tokenizer.model"))
-  raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
+  if os.path.exists(os.path.join(where, "tokenizer.model")):
+    return SentencePieceTokenizer.from_file(os.path.join(where, "tokenizer.model"))
+  if tokenizer_dir:
+    raise FileNotFoundError(f"--tokenizer={tokenizer_dir}: no tokenizer.json or tokenizer.model")
+  raise FileNotFoundError(
+    f"{directory}: no tokenizer.json or tokenizer.model (saved without its tokenizer? give "
+    "--tokenizer=DIR, the tokenizer's folder or the original model's)"
+  )
 
 
-def generation_defaults(directory: str) -> dict:
-  """Sampling defaults and the chat template the checkpoint ships."""
+def generation_defaults(directory: str, tokenizer_dir: str | None = None) -> dict:
+  """Sampling defaults and the chat template the checkpoint (or its tokenizer folder) ships."""
   gen = _read_json(os.path.join(directory, "generation_config.json"))
   keys = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
   values = {k: gen[k] for k in keys if gen.get(k) is not None}
@@ -46,31 +54,78 @@ def generation_defaults(directory: str) -> dict:
   if gen.get("do_sample") is False:
     values["temperature"] = 0.0
   template = _read_json(os.path.join(directory, "tokenizer_config.json")).get("chat_template")
+  if not template and tokenizer_dir:
+    template = _read_json(os.path.join(tokenizer_dir, "tokenizer_config.json")).get("chat_template")
   if template:
     values["chat_template"] = template
   return values
 
 
-def convert_hf(source: str, output: str, dtype: str = "float32") -> None:
+class _LayerBar(Progress):
+  """Conversion's bar: layers read of the layers the checkpoint turns out to have."""
+
+  def __init__(self, source: str):
+    super().__init__(0, f"convert {os.path.basename(source.rstrip('/'))}", "layers")
+
+  def __call__(self, done: int, total: int) -> None:
+    self.total = total
+    self.update(done)
+
+
+def convert_hf(source: str, output: str, dtype: str = "float32", tokenizer: str | None = None):
+  """A Hugging Face folder -> a model directory; `tokenizer`: where its tokenizer files are,
+  when not beside the weights."""
   config_path = os.path.join(source, "config.json")
   hf_config = _read_json(config_path)
   if not hf_config:
     raise FileNotFoundError(f"{source}: no config.json")
   cfg = hf.config_from_hf(hf_config, config_path).replace(param_dtype=dtype, dtype=dtype)
-  tokenizer = hf_tokenizer(source, hf_config)
+  if tokenizer and not os.path.isdir(tokenizer):
+    raise FileNotFoundError(f"--tokenizer={tokenizer} is not a folder")
+  tok = hf_tokenizer(source, hf_config, tokenizer)
   reader = hf.open_checkpoint(source)
-  params = hf.params_from_hf(reader, cfg, hf_config["model_type"], jax.numpy.dtype(dtype))
-  write_model_dir(source, output, cfg, params, tokenizer, generation_defaults(source))
+  bar = _LayerBar(source)
+  params = hf.params_from_hf(reader, cfg, hf_config["model_type"], jax.numpy.dtype(dtype), bar)
+  bar.close()
+  write_model_dir(source, output, cfg, params, tok, generation_defaults(source, tokenizer))
 
 
 def convert_gguf(source: str, output: str, dtype: str = "float32") -> None:
-  cfg, params, tokenizer, generation = ggufio.read_gguf(source, dtype=dtype)
+  bar = _LayerBar(source)
+  cfg, params, tokenizer, generation = ggufio.read_gguf(source, dtype=dtype, progress=bar)
+  bar.close()
   write_model_dir(source, output, cfg, params, tokenizer, generation)
 
 
+def pad_vocab(cfg, params):
+  """Token tables padded with zero rows to a multiple of VOCAB_MULTIPLE (GPT-2's 50257 ids
+  split over no tensor axis), the padding masked out of the logits -> (config, params)."""
+  padded = cfg.padded_vocab()
+  extra = padded.vocab_size - cfg.vocab_size
+  if not extra:
+    return cfg, params
+  params = {**params, "embedding": np.pad(params["embedding"], ((0, extra), (0, 0)))}
+  if "head" in params:
+    params["head"] = np.pad(params["head"], ((0, 0), (0, extra)))
+  return padded, params
+
+
+def unpad_vocab(cfg, params):
+  """The tables without their padding rows, as other frameworks expect them."""
+  if not cfg.vocab_pad:
+    return cfg, params
+  v = cfg.real_vocab
+  params = {**params, "embedding": params["embedding"][:v]}
+  if "head" in params:
+    params["head"] = params["head"][:, :v]
+  return cfg.replace(vocab_size=v, vocab_pad=0), params
+
+
 def write_model_dir(source, output, cfg, params, tokenizer, generation) -> None:
-  """Checks shapes against the config, then writes via a temporary folder and a rename."""
+  """Checks shapes against the config, pads the vocabulary, then writes via a temporary folder
+  and a rename."""
   modeldir.check_shapes(params, modeldir.abstract_params(cfg), source)
+  cfg, params = pad_vocab(cfg, params)
   with modeldir.staged(output) as staging:
     modeldir.save_model_dir(staging, cfg, params, tokenizer, generation)
 
@@ -89,13 +144,14 @@ def export_hf(source: str, output: str) -> None:
   for kind, applies in unexportable.items():
     if applies:
       raise ValueError(f"{source}: {kind} has no Hugging Face causal-LM form")
-  config = hf.config_to_hf(cfg)
   if tok.kind not in ("hf", "sentencepiece"):
     raise ValueError(
       f"{source}: a {tok.kind!r} tokenizer has no Hugging Face form (hf, sentencepiece)"
     )
+  cfg, params = unpad_vocab(cfg, jax.tree.map(np.asarray, model.params))
+  config = hf.config_to_hf(cfg)
   config.update(torch_dtype="float32", eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-  tensors = hf.params_to_hf(jax.tree.map(np.asarray, model.params), cfg, config["model_type"])
+  tensors = hf.params_to_hf(params, cfg, config["model_type"])
   with modeldir.staged(output) as staging:
     save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(staging, "config.json"), "w") as f:

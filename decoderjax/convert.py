@@ -9,7 +9,8 @@
 directory: the best checkpoint's parameters, with LoRA adapters merged into the weights.
 
 HF_DIR is a Hugging Face model folder: config.json, safetensors weights (single or sharded),
-and tokenizer.json or tokenizer.model. The output is written to a temporary folder beside
+and tokenizer.json or tokenizer.model (or --tokenizer=DIR naming the folder that has them, for a
+checkpoint saved without its tokenizer). The output is written to a temporary folder beside
 MODEL_DIR and renamed into place only when complete.
 """
 
@@ -27,6 +28,12 @@ _TO = flags.DEFINE_enum(
 )
 _INPUT = flags.DEFINE_string("input", None, "Source checkpoint folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Model directory to write (must not exist).")
+_TOKENIZER = flags.DEFINE_string(
+  "tokenizer",
+  None,
+  "--from=hf: the folder with tokenizer.json or tokenizer.model, when the "
+  "checkpoint was saved without them (the tokenizer's folder or the original model's).",
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
 flags.mark_flags_as_required(["input", "output"])
 
@@ -35,10 +42,15 @@ def main(argv):
   del argv
   if (_FROM.value is None) == (_TO.value is None):
     raise ValueError("give exactly one of --from=hf|gguf (into decoderjax) or --to=hf|decoderjax")
+  if _TOKENIZER.value and _FROM.value != "hf":
+    raise ValueError(
+      "--tokenizer applies to --from=hf only (GGUF files and model directories "
+      "carry their tokenizer)"
+    )
   if os.path.exists(_OUTPUT.value):
     raise ValueError(f"--output={_OUTPUT.value} already exists")
   if _FROM.value == "hf":
-    conversion.convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
+    conversion.convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value, _TOKENIZER.value)
   elif _FROM.value == "gguf":
     conversion.convert_gguf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
   elif _TO.value == "decoderjax":

@@ -22,6 +22,7 @@ import jax
 from absl import flags
 
 from decoderjax import cli, data, generator, metrics, modeldir, scoring, sharding, tasks
+from decoderjax.progress import Progress
 from decoderjax.steps import LossConfig, eval_step
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
@@ -58,12 +59,19 @@ def row_length(model, meta: dict) -> int:
   return _SEQ_LEN.value or min(meta.get("seq_len") or room, room)
 
 
-def score(model, batches, mesh) -> dict:
-  """Loss over batches (and a classifier's accuracy / macro-F1)."""
+def score(model, rows, mesh) -> dict:
+  """Loss over rows in batches (and a classifier's accuracy / macro-F1)."""
   step = jax.jit(lambda p, b: eval_step(p, b, cfg=model.config, loss_cfg=LossConfig()))
+  bar = Progress(-(-len(rows["inputs"]) // _BATCH.value), "evaluate", "batches")
+
+  def outputs():
+    for batch in tasks.row_batches(rows, _BATCH.value):
+      yield jax.device_get(step(model.params, batch)), batch
+      bar.advance()
+
   with sharding.activate(mesh):
-    outputs = ((jax.device_get(step(model.params, batch)), batch) for batch in batches)
-    totals = metrics.eval_totals(outputs, model.config.num_labels)
+    totals = metrics.eval_totals(outputs(), model.config.num_labels)
+  bar.close()
   weight, loss = totals.pop("weight"), totals["loss"]
   if not weight:
     raise ValueError("nothing to score: no tokens or examples")
@@ -80,7 +88,9 @@ def score_text(model, path: str, seq_len: int, mesh) -> dict:
   prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
   windows = scoring.text_windows(tok.encode(text), prefix, seq_len, _STRIDE.value or seq_len)
   scorer = scoring.Scorer(model.params, model.config, _BATCH.value, seq_len, mesh)
-  logp = sum(lp for lp, _ in scorer.score(windows))
+  bar = Progress(len(windows), "evaluate", "windows")
+  logp = sum(lp for lp, _ in scorer.score(windows, bar.advance))
+  bar.close()
   predicted = int(sum(weights.sum() for _, _, weights in windows))
   return {"windows": len(windows), "logprob": logp, **scoring.perplexities(logp, predicted, text)}
 
@@ -99,7 +109,9 @@ def score_generations(model, records, fields, mesh) -> dict:
   sampling = generator.sampling_config({}, temperature=0.0)
   stops = generator.stop_ids(model.tokenizer, model.generation)
   gen = generator.Generator(model, generator.GenerateConfig(max_new, sampling, stops), mesh)
-  results, t = gen.batched(prompts, _BATCH.value)
+  bar = Progress(len(prompts), "generate", "answers")
+  results, t = gen.batched(prompts, _BATCH.value, bar.advance)
+  bar.close()
   predictions = [r["text"] for r in results]
   if _PREDICTIONS.value:
     rows = zip(where, predictions, references, strict=True)
@@ -144,13 +156,13 @@ def main(argv):
   elif model.config.num_labels:
     records = tasks.read_records(_DATA_PATH.value)
     rows = tasks.classify_rows(records, tok, fields, seq_len, model.labels)
-    result = score(model, tasks.row_batches(rows, _BATCH.value), mesh)
+    result = score(model, rows, mesh)
   else:
     records = tasks.read_records(_DATA_PATH.value)
     template = model.generation.get("chat_template")
     examples = [tasks.sft_example(r, tok, fields, template, f"{p}:{n}") for p, n, r in records]
     rows, _ = tasks.pack_sft(examples, seq_len, False, 0)
-    result = {**score(model, tasks.row_batches(rows, _BATCH.value), mesh)}
+    result = score(model, rows, mesh)
     result["examples"] = len(examples)
     if _GENERATE.value:
       result.update(score_generations(model, records, fields, mesh))

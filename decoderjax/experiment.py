@@ -180,9 +180,12 @@ def experiment_from_config(
     if finetune.method != "full":
       raise ValueError(f"finetune.method={finetune.method!r} needs --config.init_from=MODEL_DIR")
     values = config.model.to_dict()
-    if values.get("vocab_size", 0) == 0:
-      values["vocab_size"] = vocab_size
-    model = ModelConfig.from_dict({**values, "num_labels": num_labels})
+    if not values.get("vocab_size") and values.get("vocab_pad"):
+      raise ValueError("config.model.vocab_pad: with vocab_size=0 the padding is derived")
+    model = ModelConfig.from_dict({**values, "vocab_size": values.get("vocab_size") or vocab_size})
+    if not values.get("vocab_size"):  # the tokenizer's: padded, so every tensor axis splits it
+      model = model.padded_vocab()
+    model = model.replace(num_labels=num_labels)
   train = _section(TrainConfig, config.get("train"), "train")
   metrics = ("val_loss", "val_accuracy", "val_macro_f1")
   if train.best_metric not in metrics or (train.best_metric != "val_loss" and not num_labels):

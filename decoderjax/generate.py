@@ -46,6 +46,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _KV_CACHE = flags.DEFINE_enum(
   "kv_cache", "auto", KV_CACHES, "KV cache storage: the compute dtype, or int8 (long contexts)."
 )
+_WINDOW = flags.DEFINE_integer(
+  "window",
+  None,
+  "Positions generation uses; a full window goes on from its last half, prefilled afresh "
+  "(default: the row length the model trained on, else its context; 0: stop at the context).",
+)
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write [{prompt, text, tokens}] here.")
 _MESH = cli.define_mesh_flags()
 flags.mark_flag_as_required("checkpoint")
@@ -97,6 +103,7 @@ def generate_config(model) -> GenerateConfig:
     length_penalty=_LENGTH_PENALTY.value,
     early_stopping={"true": True, "false": False}.get(_EARLY_STOPPING.value, "never"),
     seed=_SEED.value,
+    window=generator_lib.trained_window(model) if _WINDOW.value is None else _WINDOW.value,
   )
 
 

@@ -40,6 +40,12 @@ class GenerateConfig:
   length_penalty: float = 1.0  # beam score = sum(log p) / length ** length_penalty
   early_stopping: bool | str = False  # beam search stopping rule: True, False or "never"
   seed: int = 0
+  window: int = 0  # > 0: positions stay below this; a full window re-prefills its last half
+
+  @property
+  def keep(self) -> int:
+    """Tokens a full window keeps (re-prefilled from the text) when it slides."""
+    return self.window // 2
 
   def __post_init__(self):
     if self.max_new_tokens <= 0:
@@ -50,6 +56,8 @@ class GenerateConfig:
       raise ValueError("num_beams does not combine with repetition/frequency/presence penalties")
     if self.early_stopping not in (True, False, "never"):
       raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping}")
+    if self.window == 1 or self.window < 0:
+      raise ValueError(f"window must be 0 (no sliding) or at least 2 tokens, got {self.window}")
 
 
 def sampling_config(generation: dict, **overrides) -> SamplingConfig:
@@ -80,6 +88,11 @@ def for_generation(model: modeldir.ModelDir, kv_cache: str = "auto") -> modeldir
   model.params, model.config = layout.for_generation(model.params, model.config)
   model.config = model.config.replace(kv_cache=kv_cache)
   return model
+
+
+def trained_window(model: modeldir.ModelDir) -> int:
+  """The row length the model trained on (a training workdir records it), else its context."""
+  return min(model.metadata.get("seq_len") or model.config.text_len, model.config.text_len)
 
 
 def fit_prompts(encoded: list[list[int]], length: int, max_new_tokens: int):
@@ -118,19 +131,25 @@ class _Watch:
   def __init__(self, strings: StopStrings, rows: int, stream: Callable[[str], None] | None):
     self.strings, self.stream = strings, stream
     self.printed = 0  # characters of row 0 streamed so far
-    self.counted = [0] * rows  # tokens of each row checked so far
+    self.window(np.ones(rows, bool), [[] for _ in range(rows)])
+
+  def window(self, active: np.ndarray, before: list[list[int]]) -> None:
+    """A new window: only `active` rows decode; `before[row]`, its tokens of earlier windows."""
+    self.active, self.before = active, before
+    self.counted = [0] * len(before)  # tokens of each row checked so far in this window
     self.stopped_at = {}  # row -> the first token count whose text holds a stop string
 
   def __call__(self, out, lengths) -> np.ndarray:
     """One chunk: which rows a stop string has ended."""
     stopped = np.zeros(len(out), bool)
-    for row, n in enumerate(lengths):
-      text, hit = self.strings.text(out[row, :n])
+    for row in np.flatnonzero(self.active):
+      n, tokens = lengths[row], lambda m, row=row: [*self.before[row], *out[row, :m]]
+      text, hit = self.strings.text(tokens(n))
       if hit:
         stopped[row] = True
         if row not in self.stopped_at:
           self.stopped_at[row] = next(
-            m for m in range(self.counted[row] + 1, n + 1) if self.strings.text(out[row, :m])[1]
+            m for m in range(self.counted[row] + 1, n + 1) if self.strings.text(tokens(m))[1]
           )
       self.counted[row] = n
       if self.stream is not None and row == 0:
@@ -141,45 +160,60 @@ class _Watch:
 
 
 class Generator:
-  """Continues token lists with a loaded model; compiles once per (batch, prompt bucket)."""
+  """Continues token lists with a loaded model; compiles once per (batch, prompt bucket).
+
+  With `config.window`, a row whose text fills the window goes on from the window's last half,
+  prefilled afresh at positions from 0: generation runs past the context (or the length the
+  model trained on) and never attends beyond the window (as nanoGPT crops its context).
+  """
 
   def __init__(self, model: modeldir.ModelDir, config: GenerateConfig, mesh=None):
     self.model, self.config, self.mesh = model, config, mesh
     self.strings = StopStrings(model.tokenizer, config.stop_strings, config.stop_ids)
     self.programs = {}
     self.rng = jax.random.key(config.seed)
+    self.limit = config.window or model.config.text_len  # positions a window's tokens use
+    if self.limit > model.config.text_len:
+      raise ValueError(
+        f"window={config.window} exceeds the model's context of {model.config.text_len} tokens"
+      )
 
   def check_length(self, encoded: list[list[int]]) -> None:
-    """Every prompt has a token, and the longest plus max_new_tokens fits the context."""
+    """Every prompt has a token, and without sliding the longest plus max_new_tokens fits."""
     if any(not e for e in encoded):
       raise ValueError("empty prompt: every prompt needs at least one token")
-    cfg = self.model.config
-    longest = max(map(len, encoded)) + self.config.max_new_tokens
-    if longest > cfg.text_len:
+    cfg, c = self.model.config, self.config
+    longest = max(map(len, encoded)) + c.max_new_tokens
+    if c.window and c.num_beams > 1 and longest > c.window:
+      raise ValueError(
+        f"beam search does not slide its window: prompt plus max_new_tokens is {longest} "
+        f"tokens, over window={c.window}"
+      )
+    if longest > cfg.text_len and not c.window:
       soft = f" (with {cfg.prompt_tokens} soft-prompt slots)" if cfg.prompt_tokens else ""
       raise ValueError(
         f"prompt plus max_new_tokens is {longest + cfg.prompt_tokens} tokens{soft}, over the "
         f"model's context max_seq_len={cfg.max_seq_len}"
       )
 
-  def __call__(self, encoded: list[list[int]], stream=None) -> tuple[list[dict], dict]:
-    """Token lists -> ([{"text", "tokens"}], timings); `stream(text)` gets row 0 as it grows."""
+  def __call__(self, encoded: list[list[int]], stream=None, rng=None) -> tuple[list[dict], dict]:
+    """Token lists -> ([{"text", "tokens"}], timings); `stream(text)` gets row 0 as it grows.
+    `rng` (a key) replaces the generator's own sequence of keys for this call."""
     self.check_length(encoded)
-    room = self.model.config.text_len - self.config.max_new_tokens
-    tokens, mask = sampling.left_pad(encoded, sampling.bucket_length(max(map(len, encoded)), room))
-    self.rng, rng = jax.random.split(self.rng)
+    if rng is None:
+      self.rng, rng = jax.random.split(self.rng)
     with sharding.activate(self.mesh):  # parameters sharded by their logical axes
-      compile_s = self._compile(tokens, mask, rng)
       if self.config.num_beams > 1:
-        out, lengths, timings = self._beams(tokens, mask)
+        new, timings = self._beams(encoded)
       else:
-        out, lengths, timings = self._sample(tokens, mask, rng, stream)
-    timings.update(compile_s=compile_s, prompt_tokens=int(mask.sum()), steps=int(lengths.max()))
+        new, timings = self._sample(encoded, rng, stream)
     results = []
-    for row, n in zip(out, lengths, strict=True):
-      text, _ = self.strings.text(row[:n])
-      results.append({"text": text, "tokens": sampling.new_tokens(row, n, self.config.stop_ids)})
-    timings["new_tokens"] = int(lengths.sum())
+    for row in new:
+      text, _ = self.strings.text(row)
+      results.append(
+        {"text": text, "tokens": sampling.new_tokens(row, len(row), self.config.stop_ids)}
+      )
+    timings["new_tokens"] = sum(map(len, new))
     return results, timings
 
   def batched(self, encoded: list[list[int]], batch_size: int, progress=None):
@@ -201,51 +235,93 @@ class Generator:
     totals["new_tokens"] = sum(len(r["tokens"]) for r in results)
     return results, totals
 
+  def _padded(self, contexts: list[list[int]], steps: int):
+    """Left-padded [B, T] ids and mask, T a bucket that leaves `steps` of the window."""
+    return sampling.left_pad(
+      contexts, sampling.bucket_length(max(map(len, contexts)), self.limit - steps)
+    )
+
   def _compile(self, tokens, mask, rng) -> float:
-    """Compiles this shape's programs unless compiled already; returns the seconds it took."""
+    """Compiles this shape's programs unless compiled already; returns the seconds it took.
+    The cache holds what is left of the window after the prompt bucket."""
     if tokens.shape in self.programs:
       return 0.0
     start = time.perf_counter()
     c, params, cfg = self.config, self.model.params, self.model.config
+    max_new = min(c.max_new_tokens, self.limit - tokens.shape[1])
     if c.num_beams > 1:
       stop = sampling.stop_array(c.stop_ids)
-      args = (c.max_new_tokens, c.num_beams, c.length_penalty, c.early_stopping)
+      args = (max_new, c.num_beams, c.length_penalty, c.early_stopping)
       program = beam.beam_search.lower(params, cfg, tokens, mask, stop, *args).compile()
       self.programs[tokens.shape] = lambda params, tokens, mask: program(params, tokens, mask, stop)
     else:
       self.programs[tokens.shape] = sampling.compile_programs(
-        params, cfg, tokens, mask, rng, c.max_new_tokens, c.sampling, c.stop_ids
+        params, cfg, tokens, mask, rng, max_new, c.sampling, c.stop_ids
       )
     return time.perf_counter() - start
 
-  def _beams(self, tokens, mask):
+  def _beams(self, encoded):
+    tokens, mask = self._padded(encoded, self.config.max_new_tokens)
+    timings = {"compile_s": self._compile(tokens, mask, None), "prefill_s": 0.0}
     start = time.perf_counter()
     out, lengths, _ = jax.block_until_ready(
       self.programs[tokens.shape](self.model.params, tokens, mask)
     )
-    timings = {"prefill_s": 0.0, "decode_s": time.perf_counter() - start}
-    return np.asarray(out), np.asarray(lengths), timings
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    timings.update(decode_s=time.perf_counter() - start, windows=1)
+    timings.update(prompt_tokens=int(mask.sum()), steps=int(lengths.max()))
+    return [[int(t) for t in row[:n]] for row, n in zip(out, lengths, strict=True)], timings
 
-  def _sample(self, tokens, mask, rng, stream):
+  def _sample(self, encoded, rng, stream):
+    """Decodes window after window until every row stopped or has max_new_tokens."""
+    c, rows = self.config, len(encoded)
+    texts, new, starts = [list(e) for e in encoded], [[] for _ in encoded], [0] * rows
+    active = np.ones(rows, bool)
+    watch = _Watch(self.strings, rows, stream)
+    timings = dict(compile_s=0.0, prefill_s=0.0, decode_s=0.0, steps=0, windows=0)
+    timings["prompt_tokens"] = sum(map(len, encoded))
+    while active.any() and timings["steps"] < c.max_new_tokens:
+      for row in np.flatnonzero(active):
+        if len(texts[row]) - starts[row] >= self.limit:  # a full window slides
+          starts[row] = len(texts[row]) - c.keep
+      contexts = [texts[r][starts[r] :] if active[r] else texts[r][-1:] for r in range(rows)]
+      room = min(self.limit - len(contexts[r]) for r in np.flatnonzero(active))
+      steps = min(c.max_new_tokens - timings["steps"], room)
+      tokens, mask = self._padded(contexts, steps)
+      key = rng if not timings["windows"] else jax.random.fold_in(rng, timings["windows"])
+      watch.window(active.copy(), [list(n) for n in new])
+      out, lengths = self._window(tokens, mask, key, steps, watch, timings)
+      for row in np.flatnonzero(active):
+        made = [int(t) for t in out[row, : lengths[row]]]
+        new[row] += made
+        texts[row] += made
+        if row in watch.stopped_at or (made and made[-1] in c.stop_ids):
+          active[row] = False
+      timings["steps"] += steps
+      timings["windows"] += 1
+    timings["steps"] = max(map(len, new))
+    if stream is not None:
+      text, _ = self.strings.text(new[0])
+      stream(text[watch.printed :])
+    return new, timings
+
+  def _window(self, tokens, mask, rng, steps, watch, timings):
+    """One window: prefill, then `steps` decode steps -> (new tokens [B, N], lengths [B])."""
+    timings["compile_s"] += self._compile(tokens, mask, rng)
     prefill_fn, decode_fn = self.programs[tokens.shape]
-    watching = stream is not None or self.strings.stops
-    watch = _Watch(self.strings, len(tokens), stream)
-    timings = {}
+    watching = watch.stream is not None or self.strings.stops
     start = time.perf_counter()
     state = jax.block_until_ready(prefill_fn(self.model.params, tokens, mask, rng))
-    timings["prefill_s"] = time.perf_counter() - start
+    timings["prefill_s"] += time.perf_counter() - start
     start = time.perf_counter()
     out, lengths = sampling.run_decode(
-      self.model.params, state, decode_fn, self.config.max_new_tokens, self.config.stop_ids,
+      self.model.params, state, decode_fn, steps, self.config.stop_ids,
       chunk=STREAM_CHUNK if watching else 0, on_chunk=watch if watching else None,
     )  # fmt: skip
-    timings["decode_s"] = time.perf_counter() - start
+    timings["decode_s"] += time.perf_counter() - start
     for row, n in watch.stopped_at.items():
       lengths[row] = min(lengths[row], n)
-    if stream is not None:
-      text, _ = self.strings.text(out[0, : lengths[0]])
-      stream(text[watch.printed :])
-    return out, lengths, timings
+    return out, lengths
 
 
 def report(timings: dict) -> str:
@@ -257,5 +333,7 @@ def report(timings: dict) -> str:
     f"({t['prompt_tokens'] / prefill_s:,.0f} tok/s); decode {t['new_tokens']} tokens "
     f"{t['decode_s']:.3f}s ({t['new_tokens'] / decode_s:,.1f} tok/s, {steps / decode_s:,.1f} "
     f"steps/s); first token {t['prefill_s'] + t['decode_s'] / max(steps, 1):.3f}s; "
-    f"compile {t['compile_s']:.1f}s]"
+    f"compile {t['compile_s']:.1f}s"
+    + (f"; {t['windows']} windows" if t.get("windows", 1) > 1 else "")
+    + "]"
   )

@@ -164,6 +164,13 @@ def tokenizer_from_gguf(reader, path: str) -> Tokenizer:
   tok.add_special_tokens(control)
   eos = _meta(reader, "tokenizer.ggml.eos_token_id")
   bos = _meta(reader, "tokenizer.ggml.bos_token_id")
+  if bos is not None and _meta(reader, "tokenizer.ggml.add_bos_token", False):
+    from tokenizers import processors  # what llama.cpp adds, the tokenizer adds (Llama 3)
+
+    b = tokens[int(bos)]
+    tok.post_processor = processors.TemplateProcessing(
+      single=f"{b} $A", pair=f"{b} $A {b} $B:1", special_tokens=[(b, int(bos))]
+    )
   return HFTokenizer(
     tok.to_str(), None if eos is None else int(eos), None if bos is None else int(bos)
   )
@@ -210,7 +217,7 @@ def _sentencepiece(reader, path: str) -> SentencePieceTokenizer:
   return SentencePieceTokenizer(proto.SerializeToString())
 
 
-def read_gguf(path: str, scan_layers: bool = True, dtype: str = "float32"):
+def read_gguf(path: str, scan_layers: bool = True, dtype: str = "float32", progress=None):
   """(ModelConfig, parameters in `dtype`, tokenizer, generation defaults) of a GGUF file."""
 
   reader = _open(path)
@@ -218,7 +225,7 @@ def read_gguf(path: str, scan_layers: bool = True, dtype: str = "float32"):
     scan_layers=scan_layers, param_dtype=dtype, dtype=dtype
   )
   tensors = GGUFTensors(reader, path, cfg.num_heads, cfg.kv_heads)
-  params = hf.params_from_hf(tensors, cfg, "llama", jnp.dtype(dtype))
+  params = hf.params_from_hf(tensors, cfg, "llama", jnp.dtype(dtype), progress)
   generation = {}
   template = _meta(reader, "tokenizer.chat_template")
   if template:

@@ -298,8 +298,9 @@ def _at(tree: dict, path: str):
   return np.asarray(tree)
 
 
-def params_from_hf(reader, cfg: ModelConfig, arch: str, dtype=np.float32):
-  """The decoderjax parameter tree (scanned or per-layer, as `cfg` says) in `dtype`."""
+def params_from_hf(reader, cfg: ModelConfig, arch: str, dtype=np.float32, progress=None):
+  """The decoderjax parameter tree (scanned or per-layer, as `cfg` says) in `dtype`;
+  `progress(layers read, layers)` hears of each layer."""
   keys = reader.keys()
   prefix = (
     "transformer." if arch == "gpt2" and any(k.startswith("transformer.") for k in keys) else ""
@@ -318,6 +319,8 @@ def params_from_hf(reader, cfg: ModelConfig, arch: str, dtype=np.float32):
   stacked = None
   for i in range(cfg.num_layers):
     one = _cast(_read(get, layer_tensors, cfg, layer_prefix.format(i=i)), dtype)
+    if progress is not None:
+      progress(i + 1, cfg.num_layers)
     if not cfg.scan_layers:
       params[f"layers_{i}"] = one
       continue

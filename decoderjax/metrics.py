@@ -16,6 +16,7 @@ import numpy as np
 
 from decoderjax import chips
 from decoderjax.config import ModelConfig
+from decoderjax.progress import Progress
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -132,7 +133,7 @@ class Logger:
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     self.total, self.tty = total_steps, sys.stdout.isatty()
     self.tokens_per_step = tokens_per_step
-    self.t0, self.step0 = None, start_step  # rates count from the first step (compiled by then)
+    self.bar = None
     for path in (self.path, self.samples_path):  # a resumed run re-logs steps after its checkpoint
       if os.path.exists(path) and jax.process_index() == 0:
         with open(path) as f:
@@ -149,19 +150,17 @@ class Logger:
       except ImportError:
         pass
 
-  def log(self, step: int, record: dict | None) -> None:
-    if self.t0 is None:
-      self.t0, self.step0 = time.perf_counter(), step
+  def log(self, step: int, record: dict | None, loss: float | None = None) -> None:
+    """`record` (on logging steps) into the files and as a line; every step moves the bar."""
+    if self.bar is None:  # rates count from the first step logged (compiled by then)
+      self.bar = Progress(self.total, "train", "steps", out=sys.stdout, start=step)
     if self.tty:
-      elapsed = time.perf_counter() - self.t0
-      rate = (step - self.step0) / max(elapsed, 1e-9)
-      eta = (self.total - step) / max(rate, 1e-9)
-      filled = int(30 * step / max(self.total, 1))
-      line = (
-        f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.total} "
-        f"{rate * self.tokens_per_step:,.0f} tokens/s ETA {eta:5.0f}s"
-      )
-      print(line, end="", flush=True)
+      elapsed = max(time.perf_counter() - self.bar.t0, 1e-9)
+      tokens_per_sec = (step - self.bar.start) * self.tokens_per_step / elapsed
+      shown = {"tokens/s": f"{tokens_per_sec:,.0f}", **({} if loss is None else {"loss": loss})}
+      self.bar.update(step, **shown)
+    else:
+      self.bar.done = step
     if record is None or jax.process_index() != 0:
       return
     self.file.write(json.dumps(record) + "\n")
@@ -173,7 +172,14 @@ class Logger:
     text = " ".join(
       f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
     )
-    print(("\n" if self.tty else "") + text, flush=True)
+    self.print(text if self.tty else f"{text} ({self.bar.timing()})")
+
+  def print(self, text: str) -> None:
+    """A line of the run's output (above the bar on a terminal)."""
+    if self.tty and self.bar is not None:
+      self.bar.write(text)
+    else:
+      print(text, flush=True)
 
   def sample(self, step: int, text: str) -> None:
     if jax.process_index() == 0:
@@ -181,6 +187,8 @@ class Logger:
         f.write(json.dumps({"step": step, "text": text}) + "\n")
 
   def close(self) -> None:
+    if self.tty and self.bar is not None:
+      print(flush=True)  # below the bar
     self.file.close()
     if self.tb is not None:
       self.tb.close()

@@ -33,6 +33,7 @@ Array = jax.Array
 # one thread at a time, and a scan copies every layer's weights out of the stacked arrays. GPU
 # conditionals read their branch index on the host, so accelerators keep the unrolled graph.
 SWITCH_LAYERS_BACKENDS = ("cpu",)
+PAD_LOGIT = -1.0e9  # the logit of a padding id of the vocabulary: exp() of it is 0
 
 REMAT_POLICIES = {
   "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -302,6 +303,9 @@ class Decoder(nn.Module):
     if cfg.final_logit_softcap is not None:
       cap = cfg.final_logit_softcap
       logits_BTV = cap * jnp.tanh(logits_BTV / cap)
+    if cfg.vocab_pad:  # padding rows: no probability, so never sampled and never in the loss
+      real_V = jnp.arange(cfg.vocab_size) < cfg.real_vocab
+      logits_BTV = jnp.where(real_V, logits_BTV, PAD_LOGIT)
     return constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
 
 

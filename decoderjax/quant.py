@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decoderjax.progress import Progress
+
 QUANTIZED = {  # weight name -> dims its scale keeps (output channels; rows of the table),
   # as the model declares it (layers.weight); the other dims, contiguous, are the inputs
   "q": (1, 2),
@@ -204,14 +206,19 @@ def map_weights(params: dict, stacked: bool, names, fn, side: dict | None = None
 
 
 def quantize_params(
-  params: dict, stacked: bool, mode: str = "int8", group: int = 64, grams: dict | None = None
+  params: dict,
+  stacked: bool,
+  mode: str = "int8",
+  group: int = 64,
+  grams: dict | None = None,
+  progress=None,
 ) -> dict:
   """A float parameter tree -> the tree of the same model with `quant=mode`.
 
   `stacked`: layers are scanned, so every leaf under "layers" has a leading layer axis (one
   scale per layer and channel). `grams`: calibration (calibration.input_grams): for each int4
   projection, the Gram matrix of its inputs, by the projection's path; those are quantized by
-  GPTQ, the rest to nearest.
+  GPTQ, the rest to nearest. `progress(bytes)` hears of each weight quantized.
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -226,6 +233,8 @@ def quantize_params(
       q, scale = (np.stack(x) for x in zip(*pairs, strict=True))
     else:
       q, scale = quantize_int4(w, keep, group, gram)
+    if progress is not None:
+      progress(w.nbytes)
     return {name: q, f"{name}_scale": scale}
 
   return map_weights(params, stacked, QUANTIZED, quantize, grams)
@@ -245,7 +254,11 @@ def quantizer(mode: str, group: int = 64, calibrate=None):
       raise ValueError("a prompt-tuned model is not quantized here")
     grams = calibrate(model) if calibrate and mode == "int4" else None
     params = jax.tree.map(np.asarray, model.params)
-    params = quantize_params(params, cfg.scan_layers, mode, group, grams)
+    sizes = []  # the bytes of the weights to quantize, for the bar
+    map_weights(params, cfg.scan_layers, QUANTIZED, lambda _, w, *__: sizes.append(w.nbytes) or {})
+    bar = Progress(sum(sizes), f"quantize {mode}")
+    params = quantize_params(params, cfg.scan_layers, mode, group, grams, bar.advance)
+    bar.close()
     return cfg.replace(quant=mode, quant_group=group if mode == "int4" else 0), params
 
   return transform

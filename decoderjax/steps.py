@@ -47,14 +47,17 @@ class TrainState:
   rng: Array  # raw uint32 key data, so checkpoints hold plain arrays
 
 
-def cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss=0.0, label_smoothing=0.0):
-  """Weighted token cross entropy in float32 -> (loss sum, weight sum)."""
+def cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss=0.0, label_smoothing=0.0, vocab_pad=0):
+  """Weighted token cross entropy in float32 -> (loss sum, weight sum). Label smoothing
+  spreads over the ids before the last `vocab_pad` (padding, which the model never predicts)."""
   logits_BTV = logits_BTV.astype(jnp.float32)
   log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
   nll_BT = log_z_BT - target_logit_BT
   if label_smoothing:
-    uniform_BT = log_z_BT - jnp.mean(logits_BTV, axis=-1)
+    v = logits_BTV.shape[-1] - vocab_pad
+    real_V = jnp.arange(logits_BTV.shape[-1]) < v
+    uniform_BT = log_z_BT - jnp.sum(jnp.where(real_V, logits_BTV, 0.0), axis=-1) / v
     nll_BT = (1 - label_smoothing) * nll_BT + label_smoothing * uniform_BT
   if z_loss:
     nll_BT += z_loss * jnp.square(log_z_BT)
@@ -79,7 +82,7 @@ def pooled_logits(logits_BTC, last_B):
   return jnp.take_along_axis(logits_BTC, last_B[:, None, None], axis=1)[:, 0]
 
 
-def task_loss(logits, batch, loss_cfg: LossConfig):
+def task_loss(logits, batch, loss_cfg: LossConfig, vocab_pad: int = 0):
   """(loss sum, weight sum): next-token loss, or a classifier's loss per example."""
   if "labels" in batch:
     return cross_entropy(
@@ -89,8 +92,9 @@ def task_loss(logits, batch, loss_cfg: LossConfig):
       label_smoothing=loss_cfg.label_smoothing,
     )
   return cross_entropy(
-    logits, batch["targets"], batch["weights"], loss_cfg.z_loss, loss_cfg.label_smoothing
-  )
+    logits, batch["targets"], batch["weights"], loss_cfg.z_loss, loss_cfg.label_smoothing,
+    vocab_pad,
+  )  # fmt: skip
 
 
 def _per_row_norm(x_BTD):
@@ -121,14 +125,15 @@ def adversarial_delta(loss_of_delta, shape, loss_cfg: LossConfig):
 def batch_loss(trainable, frozen, cfg, batch, rng, loss_cfg: LossConfig, deterministic: bool):
   """Objective sum (gradients flow to `trainable` only) and aux (weight sum, clean loss sum)."""
   params = combine(trainable, frozen)
-  loss_sum, weight_sum = task_loss(forward(params, cfg, batch, rng, deterministic), batch, loss_cfg)
+  logits = forward(params, cfg, batch, rng, deterministic)
+  loss_sum, weight_sum = task_loss(logits, batch, loss_cfg, cfg.vocab_pad)
   objective = loss_sum
   if loss_cfg.adversarial != "none":
     b, t = batch["inputs"].shape
 
     def perturbed_loss(delta):
       logits = forward(params, cfg, batch, rng, deterministic, delta)
-      return task_loss(logits, batch, loss_cfg)[0]
+      return task_loss(logits, batch, loss_cfg, cfg.vocab_pad)[0]
 
     delta = adversarial_delta(
       lambda d: perturbed_loss(d) / jnp.maximum(weight_sum, 1.0), (b, t, cfg.embed_dim), loss_cfg

@@ -14,13 +14,14 @@ import numpy as np
 
 from decoderjax import adapters, checkpoints, modeldir
 from decoderjax import data as data_lib
+from decoderjax import generator as generator_lib
 from decoderjax import metrics as metrics_lib
 from decoderjax import sharding as sharding_lib
 from decoderjax import state as state_lib
 from decoderjax.errors import TrainingError
 from decoderjax.experiment import Experiment
 from decoderjax.model import count_params
-from decoderjax.sampling import SamplingConfig, generate_tokens, new_tokens
+from decoderjax.sampling import SamplingConfig
 
 DATA_FIELDS = ("text_field", "label_field", "prompt_field", "completion_field", "messages_field")
 
@@ -101,27 +102,30 @@ def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh) -> dict:
   return result
 
 
-def sample_text(params, exp: Experiment, tokenizer, rng_seed: int) -> str:
-  """A sample continuing train.sample_prompt (from EOS when the tokenizer cannot encode it)."""
-  try:
-    prompt_text = exp.train.sample_prompt
-    prompt = tokenizer.encode(prompt_text) if prompt_text else []
-  except ValueError:  # e.g. a char alphabet without the prompt's characters: start from EOS
-    prompt_text, prompt = "", []
-  start = prompt or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
-  new = min(exp.train.sample_tokens, exp.model.text_len - len(start))
-  stop_ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-  tokens, lengths = generate_tokens(
-    params,
-    exp.model,
-    np.asarray([start], np.int32),
-    np.ones((1, len(start)), np.int32),
-    jax.random.key(rng_seed),
-    new,
-    SamplingConfig(temperature=0.8),
-    stop_ids,
-  )
-  return prompt_text + tokenizer.decode(new_tokens(tokens[0], int(lengths[0]), stop_ids))
+class _Sampler:
+  """The run's text samples: train.sample_prompt (from EOS when the tokenizer cannot encode
+  it) continued by train.sample_tokens at temperature 0.8, sliding over the trained rows."""
+
+  def __init__(self, exp: Experiment, tokenizer):
+    try:
+      self.prompt_text = exp.train.sample_prompt
+      prompt = tokenizer.encode(self.prompt_text) if self.prompt_text else []
+    except ValueError:  # e.g. a char alphabet without the prompt's characters: start from EOS
+      self.prompt_text, prompt = "", []
+    self.prompt = prompt or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+    config = generator_lib.GenerateConfig(
+      max_new_tokens=exp.train.sample_tokens,
+      sampling=SamplingConfig(temperature=0.8),
+      stop_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
+      window=min(exp.data.seq_len, exp.model.text_len),
+    )
+    model = modeldir.ModelDir(exp.model, None, tokenizer, {})
+    self.generator = generator_lib.Generator(model, config)  # compiles on the first sample
+
+  def __call__(self, params, seed: int) -> str:
+    self.generator.model.params = params
+    results, _ = self.generator([self.prompt], rng=jax.random.key(seed))
+    return self.prompt_text + results[0]["text"]
 
 
 class _Preemption:
@@ -198,7 +202,8 @@ class _Run:
     self.logger = metrics_lib.Logger(
       workdir, exp.train.steps, int(self.state.step), tokens_per_step=self.step_tokens
     )
-    self.samples = not exp.model.num_labels  # a classifier has no text to sample
+    self.samples = not exp.model.num_labels and exp.train.sample_tokens > 0  # (a classifier: none)
+    self.sampler = _Sampler(exp, dataset.tokenizer) if self.samples else None
     self.preemption = _Preemption()
 
   def _restore_or_init(self, optimizer):
@@ -270,7 +275,7 @@ class _Run:
 
   def sample(self, step: int, seed: int) -> str:
     params = adapters.combine(self.state.params, self.frozen)
-    text = sample_text(params, self.exp, self.dataset.tokenizer, seed)
+    text = self.sampler(params, seed)
     self.logger.sample(step, text)
     return text
 
@@ -325,23 +330,22 @@ def _loop(run: _Run) -> dict:
         record = {**(record or {"step": done, "loss": loss}), **_without(last, "objective")}
         best.update(last)
         stopped_early = best.exhausted and done < steps
-      run.logger.log(done, record)
+      run.logger.log(done, record, loss)
       if run.samples and exp.train.sample_every and done % exp.train.sample_every == 0:
         run.sample(done, done)
       every = exp.checkpoint.every_steps
       if done == steps or stopped_early or (every and done % every == 0):
         run.save(done, _without(last, "step") if evaluated else None)
     if stopped_early:
-      print(
+      run.logger.print(
         f"early stopping at step {done}: no better {exp.train.best_metric} in "
-        f"{best.patience} evaluations; restoring the best, step {best.result['step']}",
-        flush=True,
+        f"{best.patience} evaluations; restoring the best, step {best.result['step']}"
       )
       break
     if run.preemption.requested:
       run.save(done, None)
       run.mngr.wait_until_finished()
-      print(f"SIGTERM: saved step {done} to {run.workdir}; exiting", flush=True)
+      run.logger.print(f"SIGTERM: saved step {done} to {run.workdir}; exiting")
       return {"step": done, "preempted": True}
   final = {"step": int(run.state.step), **_without(last, "objective")}
   if stopped_early:
@@ -349,5 +353,5 @@ def _loop(run: _Run) -> dict:
     final = {**_without(best.result, "objective"), "stopped_at": done}
   if steps > 0 and run.samples:
     text = run.sample(int(run.state.step), exp.train.seed)
-    print(f"--- sample (step {int(run.state.step)}) ---\n{text}\n---", flush=True)
+    run.logger.print(f"--- sample (step {int(run.state.step)}) ---\n{text}\n---")
   return final

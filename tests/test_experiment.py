@@ -37,6 +37,6 @@ def test_config_files_build_experiments(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   exp = experiment.experiment_from_config(module.get_config(), vocab_size=321)
-  assert exp.model.vocab_size == 321
+  assert (exp.model.real_vocab, exp.model.vocab_size, exp.model.vocab_pad) == (321, 384, 63)
   assert exp.data.seq_len <= exp.model.max_seq_len
   assert exp.train.batch_size % exp.loss.grad_accum_steps == 0

@@ -94,6 +94,39 @@ def test_rows_stop_independently_and_chunks_change_nothing(tiny):
   np.testing.assert_array_equal(chunked[1, :6], free[1, :6])
 
 
+def test_sliding_window_generation_recomputes_the_window_it_keeps(tiny):
+  """Past a window of 16, generation goes on from the window's last half at positions from 0:
+  each token is the argmax of the model over the text since the last slide, and the first
+  window equals plain greedy decoding."""
+  from decoderjax import generator
+  from decoderjax.tokenizer import ByteTokenizer
+
+  cfg, params = tiny
+  model = modeldir.ModelDir(cfg, params, ByteTokenizer(), {})
+  window, prompts = 16, [[5, 17, 3, 99, 42], [7, 8]]
+  config = generator.GenerateConfig(48, SamplingConfig(temperature=0), window=window)
+  results, timings = generator.Generator(model, config)(prompts)
+  assert timings["windows"] > 3  # rows slide at their own lengths
+  forward = jax.jit(lambda t: Decoder(cfg).apply({"params": params}, t)[0][0])
+  for prompt, result in zip(prompts, results, strict=True):
+    plain, _ = greedy(cfg, params, [prompt], window - len(prompt))
+    assert result["tokens"][: window - len(prompt)] == plain[0].tolist()
+    text, start = list(prompt), 0
+    for token in result["tokens"]:
+      if len(text) - start >= window:
+        start = len(text) - window // 2
+      context = text[start:]  # right-padded to the window: causal, so the padding is unseen
+      logits = forward(jnp.asarray([context + [0] * (window - len(context))]))
+      assert int(jnp.argmax(logits[len(context) - 1])) == token
+      text.append(token)
+    assert len(result["tokens"]) == 48
+  with pytest.raises(ValueError, match="beam search does not slide"):
+    beams = generator.GenerateConfig(48, num_beams=2, window=window)
+    generator.Generator(model, beams)(prompts)
+  with pytest.raises(ValueError, match="exceeds the model's context of 96"):
+    generator.Generator(model, generator.GenerateConfig(8, window=97))
+
+
 @pytest.mark.parametrize(
   "config",
   [
@@ -318,7 +351,7 @@ def test_generate_cli_beam_search_and_interactive(char_model, tmp_path):
   [
     (["--prompt=abc", "--temperature=-1"], "temperature must be >= 0"),
     (["--prompt=abc", "--top_p=0"], "top_p must be in (0, 1]"),
-    (["--prompt=abc", "--max_new_tokens=100"], "over the model's context max_seq_len=64"),
+    (["--prompt=abc", "--max_new_tokens=100", "--window=0"], "over the model's context"),
     (["--prompt="], "empty prompt"),
     (["--prompt=xyz"], "is not in the char tokenizer"),
     (["--prompt=abc", "--chat"], "has no chat template"),

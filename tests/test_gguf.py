@@ -168,6 +168,20 @@ def test_gguf_matches_transformers_on_the_dequantized_weights(qtype, tmp_path, h
   assert ours.generation["chat_template"] == "{{ messages[0]['content'] }}"
 
 
+def test_add_bos_token_metadata_makes_the_tokenizer_add_bos(tmp_path, hf_model):
+  def bos(w):
+    w.add_bos_token_id(0)
+    w.add_add_bos_token(True)
+
+  for name, extra in (("plain", None), ("bos", bos)):
+    write_gguf(tmp_path / f"{name}.gguf", hf_model, "F32", extra)
+    conversion.convert_gguf(str(tmp_path / f"{name}.gguf"), str(tmp_path / name))
+  plain, with_bos = (modeldir.load_model_dir(str(tmp_path / n)).tokenizer for n in ("plain", "bos"))
+  assert not plain.adds_bos and with_bos.adds_bos
+  assert with_bos.tok.encode("to be").ids == [0, *plain.encode("to be")]
+  assert with_bos.encode("to be") == plain.encode("to be")  # encode itself never adds it
+
+
 def test_bad_gguf_files_are_one_line_errors(tmp_path, hf_model):
   run = lambda src, out: subprocess.run(
     [sys.executable, "-m", "decoderjax.convert", "--from=gguf", f"--input={src}",

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,6 +117,20 @@ def test_convert_cli_and_bad_input(tmp_path, tokenizer_json):
   assert modeldir.read_config(str(tmp_path / "m")).param_dtype == "bfloat16"
   again = run("--from=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'm'}")
   assert again.returncode == 1 and "already exists" in again.stderr
+
+  import shutil
+
+  shutil.copytree(tmp_path / "hf", tmp_path / "bare")  # as model.save_pretrained alone writes it
+  os.remove(tmp_path / "bare" / "tokenizer.json")
+  bare = run("--from=hf", f"--input={tmp_path / 'bare'}", f"--output={tmp_path / 'b'}")
+  assert bare.returncode == 1 and "--tokenizer=DIR" in bare.stderr, bare.stderr
+  given = run("--from=hf", f"--input={tmp_path / 'bare'}", f"--output={tmp_path / 'b'}",
+              f"--tokenizer={tmp_path / 'hf'}", "--dtype=bfloat16")  # fmt: skip
+  assert given.returncode == 0, given.stderr
+  for name in ("config.json", "generation.json", "tokenizer/tokenizer.json"):
+    assert (tmp_path / "b" / name).read_text() == (tmp_path / "m" / name).read_text()
+  full, from_bare = (modeldir.load_model_dir(str(tmp_path / d)) for d in ("m", "b"))
+  jax.tree.map(np.testing.assert_array_equal, full.params, from_bare.params)
 
   (tmp_path / "hf" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
   bad = run("--from=hf", f"--input={tmp_path / 'hf'}", f"--output={tmp_path / 'n'}")

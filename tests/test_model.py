@@ -400,3 +400,34 @@ def test_int8_cache_decoding_is_close_to_float_cache(name, scan):
   # hence logits within 1% of their largest magnitude (about 0.1% measured), and not identical
   difference = float(jnp.abs(got - want).max())
   assert 0 < difference <= 0.01 * float(jnp.abs(want).max())
+
+
+def test_padded_vocabulary_predicts_real_tokens_only():
+  """A char vocabulary of 85 ids padded to 128 rows: the logits of real ids and the loss are the
+  unpadded model's; padding rows, even large ones, get no probability and are never sampled."""
+  from decoderjax import conversion, sampling, steps
+  from decoderjax.sampling import SamplingConfig
+
+  cfg = get_preset("tiny-llama").replace(vocab_size=85, tie_embeddings=False)
+  params = nn.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+  padded_cfg, padded = conversion.pad_vocab(cfg, jax.tree.map(np.asarray, params))
+  assert (padded_cfg.vocab_size, padded_cfg.vocab_pad, padded_cfg.real_vocab) == (128, 43, 85)
+  padded["head"][:, 85:] = 50.0  # unmasked, a padding id would win every step
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 85, (2, 24)))
+  plain_BTV, _ = Decoder(cfg).apply({"params": params}, tokens)
+  padded_BTV, _ = Decoder(padded_cfg).apply({"params": padded}, tokens)
+  np.testing.assert_array_equal(padded_BTV[..., :85], plain_BTV)
+  assert np.all(np.asarray(padded_BTV[..., 85:]) == model_lib.PAD_LOGIT)
+  targets, weights = tokens[:, 1:], jnp.ones((2, 23))
+  for smoothing in (0.0, 0.1):
+    want = steps.cross_entropy(plain_BTV[:, :-1], targets, weights, 1e-4, smoothing)
+    got = steps.cross_entropy(padded_BTV[:, :-1], targets, weights, 1e-4, smoothing, 43)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  prompt, mask = sampling.left_pad([[1, 2, 3]] * 8)
+  out, _ = sampling.generate_tokens(
+    padded, padded_cfg, prompt, mask, jax.random.key(1), 40, SamplingConfig(temperature=1.5)
+  )
+  assert out.max() < 85
+  unpadded_cfg, unpadded = conversion.unpad_vocab(padded_cfg, padded)
+  assert unpadded_cfg == cfg
+  jax.tree.map(np.testing.assert_array_equal, unpadded, jax.tree.map(np.asarray, params))

@@ -22,7 +22,6 @@ MODEL = [
   "--config.model.num_kv_heads=2",
   "--config.model.mlp_dim=128",
   "--config.model.max_seq_len=32",
-  "--config.model.vocab_size=64",
   "--config.model.scan_layers=True",
   "--config.data.seq_len=32",
   "--config.train.batch_size=16",

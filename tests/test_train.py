@@ -39,8 +39,8 @@ def text_file(tmp_path_factory):
   return str(path)
 
 
-def run_train(workdir, text_file, *extra, wait=True):
-  command = [
+def train_command(workdir, text_file, *extra):
+  return [
     sys.executable,
     "-m",
     "decoderjax.train",
@@ -51,6 +51,10 @@ def run_train(workdir, text_file, *extra, wait=True):
     *TINY,
     *extra,
   ]
+
+
+def run_train(workdir, text_file, *extra, wait=True):
+  command = train_command(workdir, text_file, *extra)
   if not wait:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   return subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -71,6 +75,31 @@ def wait_for_step(workdir, step, proc, timeout=300):
   raise AssertionError(f"training never reached step {step}: {proc.communicate()}")
 
 
+def test_progress_bar_is_drawn_on_a_terminal(tmp_path, text_file):
+  import pty
+
+  leader, follower = pty.openpty()
+  command = train_command(tmp_path / "w", text_file, "--config.train.steps=6",
+                          "--config.train.log_every=3", "--config.eval.every_steps=0")  # fmt: skip
+  proc = subprocess.Popen(command, stdout=follower, stderr=follower)
+  os.close(follower)
+  chunks = []
+  while True:
+    try:
+      chunk = os.read(leader, 4096)
+    except OSError:  # EIO: the child closed the terminal
+      break
+    if not chunk:
+      break
+    chunks.append(chunk)
+  os.close(leader)
+  assert proc.wait(timeout=300) == 0
+  out = b"".join(chunks).decode()
+  bars = [line for line in out.split("\r") if line.startswith("train [")]
+  assert bars and "6/6 steps" in bars[-1] and "loss=" in bars[-1] and "ETA" in bars[-1], out
+  assert "step=3" in out and "--- sample" in out  # log lines print above the bar
+
+
 def test_interrupted_runs_resume_to_identical_losses(tmp_path, text_file):
   common = [
     "--config.train.steps=24",
@@ -83,6 +112,7 @@ def test_interrupted_runs_resume_to_identical_losses(tmp_path, text_file):
   reference = run_train(tmp_path / "a", text_file, *common)
   assert reference.returncode == 0, reference.stderr
   assert "--- sample" in reference.stdout
+  assert "\r" not in reference.stdout and "ETA" in reference.stdout  # plain lines in a pipe
   if hostmem._glibc() is not None:  # the binary set glibc's malloc up before JAX started
     assert "host memory: freed buffers kept for reuse" in reference.stdout
   expected = losses(tmp_path / "a")
