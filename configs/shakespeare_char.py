@@ -21,6 +21,7 @@ def get_config():
     embed_dropout=0.2,
     attn_dropout=0.2,
     resid_dropout=0.2,
+    remat="dots",  # the backward pass recomputes all but matmul outputs: under half the memory
   )
   config.data.update(source="default", path="", tokenizer="char", seq_len=256, val_fraction=0.1)
   config.optimizer.update(

@@ -91,8 +91,10 @@ def for_generation(model: modeldir.ModelDir, kv_cache: str = "auto") -> modeldir
 
 
 def trained_window(model: modeldir.ModelDir) -> int:
-  """The row length the model trained on (a training workdir records it), else its context."""
-  return min(model.metadata.get("seq_len") or model.config.text_len, model.config.text_len)
+  """The positions the model trained on (a training workdir records them: its rows, or for a
+  fine-tune its base's), else its context."""
+  trained = model.metadata.get("trained_len") or model.config.text_len
+  return min(trained, model.config.text_len)
 
 
 def fit_prompts(encoded: list[list[int]], length: int, max_new_tokens: int):

@@ -142,7 +142,12 @@ def staged(output: str):
     shutil.rmtree(staging, ignore_errors=True)
 
 
-KEPT_EXTRAS = ("labels", "seq_len", "data_fields")  # config.json entries a standalone copy keeps
+KEPT_EXTRAS = (
+  "labels",
+  "seq_len",
+  "trained_len",
+  "data_fields",
+)  # config.json entries a standalone copy keeps
 
 
 def export_model_dir(source: str, output: str, transform=None) -> ModelDir:

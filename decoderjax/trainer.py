@@ -58,6 +58,14 @@ def check_run(exp: Experiment, workdir: str, dataset: data_lib.Dataset) -> None:
     )
 
 
+def trained_length(exp: Experiment) -> int:
+  """Positions the model has trained on: this run's rows, or for a fine-tune its base's."""
+  if not exp.init_from:
+    return exp.data.seq_len
+  base = modeldir.read_metadata(exp.init_from)
+  return max(exp.data.seq_len, base.get("trained_len") or base["model"].text_len)
+
+
 def write_run_metadata(exp: Experiment, workdir: str, dataset: data_lib.Dataset) -> None:
   """Host 0 makes the workdir a model directory (config, tokenizer, generation defaults)."""
   # Every host has read the workdir's config (check_workdir) before host 0 rewrites it.
@@ -66,6 +74,7 @@ def write_run_metadata(exp: Experiment, workdir: str, dataset: data_lib.Dataset)
     extra = {
       "labels": dataset.label_names,
       "seq_len": exp.data.seq_len,  # what evaluate and predict cut rows to
+      "trained_len": trained_length(exp),  # generation's default window
       "data_fields": {f: getattr(exp.data, f) for f in DATA_FIELDS} if dataset.task != "lm" else {},
     }
     if exp.finetune.method != "full":  # the workdir holds the adapters; the base stays put
@@ -117,7 +126,7 @@ class _Sampler:
       max_new_tokens=exp.train.sample_tokens,
       sampling=SamplingConfig(temperature=0.8),
       stop_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
-      window=min(exp.data.seq_len, exp.model.text_len),
+      window=min(trained_length(exp), exp.model.text_len),
     )
     model = modeldir.ModelDir(exp.model, None, tokenizer, {})
     self.generator = generator_lib.Generator(model, config)  # compiles on the first sample

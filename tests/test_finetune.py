@@ -216,6 +216,9 @@ def test_sft_lora_and_generation(tmp_path, base, task_files):
     "--config.data.token_dropout=0.05", "--config.data.span_mask=0.02",
   )  # fmt: skip
   assert_base_untouched(workdir, base, "lora")
+  # Generation's default window: the base trained on 64 positions, the fine-tune on 96.
+  assert modeldir.read_metadata(base)["trained_len"] == 64
+  assert modeldir.read_metadata(workdir)["trained_len"] == 96
   # The completion loss that evaluate reports is the one training validated on.
   out = tmp_path / "eval.json"
   result = run(

@@ -313,6 +313,13 @@ def test_generate_cli_streams_stops_on_strings_and_reads_jsonl(char_model, tmp_p
   text = record["text"]
   assert len(record["tokens"]) == 30 and tok.decode(record["tokens"]) == text
   assert free.stdout.startswith("abc" + text)  # streamed: the prompt, then the new text
+  long = run_generate(directory, "--prompt=abc", "--max_new_tokens=150", "--ignore_eos",
+                      f"--output_json={tmp_path / 'long'}")  # fmt: skip
+  assert long.returncode == 0, long.stderr  # past the 64-token context: the window slides
+  [record] = json.loads((tmp_path / "long").read_text())
+  assert len(record["tokens"]) == 150 and record["text"].startswith(text)
+  assert long.stdout.startswith("abc" + record["text"] + "\n")  # streamed across windows
+  assert "windows]" in long.stdout
   stop = text[12:14]
   stopped = run_generate(directory, *base, f"--stop={stop}")
   assert stopped.returncode == 0, stopped.stderr
