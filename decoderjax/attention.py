@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec
 
 from decoderjax.config import ModelConfig
 from decoderjax.layers import (
+  Norm,
   apply_rope,
   constrain,
   dtype_of,
@@ -296,6 +297,9 @@ class Attention(nn.Module):
     q_BTNH = project("q", n, "q_heads")
     k_BTKH = project("k", k, "kv_heads")
     v_BTKH = project("v", k, "kv_heads")
+    if cfg.qk_norm:  # over each head's H dims, one scale shared by the heads
+      q_BTNH = Norm(cfg, name="q_norm")(q_BTNH)
+      k_BTKH = Norm(cfg, name="k_norm")(k_BTKH)
     if cfg.position == "rope":
       q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
       k_BTKH = apply_rope(k_BTKH, positions_BT, cfg)

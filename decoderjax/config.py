@@ -63,6 +63,7 @@ class ModelConfig:
   mlp: str = "swiglu"  # one of MLPS
   use_bias: bool = False  # biases on every projection and LayerNorm (GPT-2)
   qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
+  qk_norm: bool = False  # Qwen3: each head's queries and keys normalized (norm) before RoPE
   tie_embeddings: bool = True  # output head shares the token embedding
   sliding_window: int | None = None  # Mistral: a query sees at most this many keys back
   embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(embed_dim)
@@ -309,6 +310,35 @@ PRESETS: dict[str, ModelConfig] = {
     rope_theta=1_000_000.0,
     norm_eps=1e-6,
     qkv_bias=True,
+  ),
+  "qwen3-0.6b": ModelConfig(
+    **_LLAMA,
+    vocab_size=151936,
+    max_seq_len=40960,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    embed_dim=1024,
+    mlp_dim=3072,
+    rope_theta=1_000_000.0,
+    norm_eps=1e-6,
+    qk_norm=True,
+  ),
+  "qwen3-8b": ModelConfig(
+    **_LLAMA,
+    vocab_size=151936,
+    max_seq_len=40960,
+    num_layers=36,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    embed_dim=4096,
+    mlp_dim=12288,
+    rope_theta=1_000_000.0,
+    norm_eps=1e-6,
+    qk_norm=True,
+    tie_embeddings=False,
   ),
   "gemma-2b": ModelConfig(
     vocab_size=256000,

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints -> decoderjax: config translation and tensor mapping.
 
-Supported `model_type`s: gpt2, llama, mistral, qwen2, gemma. Tensors stream from safetensors
+Supported `model_type`s: gpt2, llama, mistral, qwen2, qwen3, gemma. Tensors stream from safetensors
 one at a time (single files or sharded with `model.safetensors.index.json`), so a checkpoint is
 never held twice in memory.
 """
@@ -16,7 +16,7 @@ import numpy as np
 
 from decoderjax.config import ModelConfig, RopeScaling
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # GELU, tanh approximation
 
 
@@ -60,7 +60,7 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
         original_max_position=rope["original_max_position_embeddings"],
       )
     window = hf.get("sliding_window")
-    if arch == "qwen2" and not hf.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
       window = None
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
@@ -82,11 +82,12 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
       mlp="geglu" if gemma else "swiglu",
       embed_scale=gemma,
       qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+      qk_norm=arch == "qwen3",
       tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       sliding_window=window,
     )
   raise ValueError(
-    f"{path}: unknown architecture model_type={arch!r} (gpt2, llama, mistral, qwen2, gemma)"
+    f"{path}: unknown architecture model_type={arch!r} (gpt2, {', '.join(LLAMA_LIKE)})"
   )
 
 
@@ -183,7 +184,7 @@ class Tensor(NamedTuple):
   hf: str  # the Hugging Face name (a layer's after its "model.layers.{i}." prefix)
   layout: str  # how HF stores it, one of _LAYOUTS
   gguf: str = ""  # llama.cpp's name for it, where GGUF files have it
-  only_if: str = ""  # "qkv_bias" or "untied": absent from models without that
+  only_if: str = ""  # "qkv_bias", "qk_norm" or "untied": absent from models without that
 
 
 _T = Tensor
@@ -201,6 +202,8 @@ LLAMA_LAYER = (
   _T(("attn/q_bias",), "self_attn.q_proj.bias", "head_bias", only_if="qkv_bias"),
   _T(("attn/k_bias",), "self_attn.k_proj.bias", "head_bias", only_if="qkv_bias"),
   _T(("attn/v_bias",), "self_attn.v_proj.bias", "head_bias", only_if="qkv_bias"),
+  _T(("attn/q_norm/scale",), "self_attn.q_norm.weight", "same", only_if="qk_norm"),
+  _T(("attn/k_norm/scale",), "self_attn.k_norm.weight", "same", only_if="qk_norm"),
   _T(("mlp_norm/scale",), "post_attention_layernorm.weight", "same", "ffn_norm.weight"),
   _T(("mlp/gate",), "mlp.gate_proj.weight", "linear", "ffn_gate.weight"),
   _T(("mlp/up",), "mlp.up_proj.weight", "linear", "ffn_up.weight"),
@@ -246,7 +249,9 @@ def _tables(arch: str):
 
 
 def _present(t: Tensor, cfg: ModelConfig) -> bool:
-  return {"": True, "qkv_bias": cfg.qkv_bias, "untied": not cfg.tie_embeddings}[t.only_if]
+  present = {"": True, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm}
+  present["untied"] = not cfg.tie_embeddings
+  return present[t.only_if]
 
 
 def _to_ours(layout: str, x: np.ndarray, cfg: ModelConfig) -> list[np.ndarray]:
@@ -374,7 +379,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   )
   unsupported = [f for f in ("norm_offset", "embed_scale") if getattr(cfg, f) and not gemma]
   unsupported += [f for f in ("use_bias",) if getattr(cfg, f)]
-  unsupported += ["sliding_window"] if gemma and cfg.sliding_window else []
+  unsupported += [f for f in ("sliding_window", "qk_norm") if gemma and getattr(cfg, f)]
   unsupported += [f for f in ("attn_logit_softcap", "final_logit_softcap") if getattr(cfg, f)]
   if not llama_like or unsupported:
     raise ValueError(
@@ -382,9 +387,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       f"mlp={cfg.mlp}, {unsupported or 'ok'})"
     )
   arch = "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
-  arch = "gemma" if gemma else arch
+  arch = "gemma" if gemma else "qwen3" if cfg.qk_norm else arch
   names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-           "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}  # fmt: skip
+           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+           "gemma": "GemmaForCausalLM"}  # fmt: skip
   out = {
     "architectures": [names[arch]],
     "model_type": arch,
@@ -402,8 +408,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     "tie_word_embeddings": cfg.tie_embeddings,
     "sliding_window": cfg.sliding_window,
   }
-  if arch == "qwen2" and cfg.sliding_window:
+  if arch in ("qwen2", "qwen3") and cfg.sliding_window:
     out["use_sliding_window"] = True
+  if arch == "qwen3":
+    out["attention_bias"] = cfg.qkv_bias
   if gemma:
     out.update(hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.qkv_bias)
   if cfg.rope_scaling is not None:
@@ -420,8 +428,7 @@ def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndar
   """Our parameter tree -> Hugging Face tensor names and layouts (float32 numpy)."""
   if cfg.scan_layers:
     layers = [
-      {g: {n: np.asarray(a[i]) for n, a in sub.items()} for g, sub in params["layers"].items()}
-      for i in range(cfg.num_layers)
+      _map(lambda a, i=i: np.asarray(a[i]), params["layers"]) for i in range(cfg.num_layers)
     ]
   else:
     layers = [params[f"layers_{i}"] for i in range(cfg.num_layers)]

@@ -51,7 +51,9 @@ def forward(params, cfg, tokens, segments=None):
       pe[:, i + 1] = np.cos(pos / 10000 ** (i / cfg.embed_dim))
     x = x + pe
   n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
-  f64 = lambda tree: {a: np.asarray(b, np.float64) for a, b in tree.items()}
+  f64 = lambda tree: {
+    a: np.asarray(b, np.float64) for a, b in tree.items() if not isinstance(b, dict)
+  }  # the arrays of one level (attn/q_norm, a module of its own, is read on its own)
   for layer in range(cfg.num_layers):
     attn = f64(params[f"layers_{layer}"]["attn"])
     mlp = f64(params[f"layers_{layer}"]["mlp"])
@@ -61,6 +63,9 @@ def forward(params, cfg, tokens, segments=None):
     v = np.einsum("td,dnh->tnh", hx, attn["v"])
     if "q_bias" in attn:
       q, kk, v = q + attn["q_bias"], kk + attn["k_bias"], v + attn["v_bias"]
+    if cfg.qk_norm:  # Qwen3: each head's query and key vectors normalized over their H dims
+      raw = params[f"layers_{layer}"]["attn"]
+      q, kk = _norm(q, f64(raw["q_norm"]), cfg), _norm(kk, f64(raw["k_norm"]), cfg)
     out = np.zeros((t_len, n, h))
     for head in range(n):
       kv_head = head // (n // k)

@@ -51,6 +51,9 @@ MODELS = {
   "qwen2": lambda: transformers.Qwen2Config(
     **COMMON, num_key_value_heads=1, tie_word_embeddings=True, rms_norm_eps=1e-6
   ),
+  "qwen3": lambda: transformers.Qwen3Config(
+    **COMMON, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, rms_norm_eps=1e-6
+  ),
 }
 
 

@@ -23,6 +23,7 @@ VARIANTS = {
   "llama-gqa": get_preset("tiny-llama"),
   "mistral-window": get_preset("tiny-llama", sliding_window=3, tie_embeddings=False),
   "qwen2-qkv-bias": get_preset("tiny-llama", qkv_bias=True),
+  "qwen3-qk-norm": get_preset("tiny-llama", qk_norm=True, head_dim=8),
   "gemma": get_preset(
     "tiny-llama",
     norm_offset=True,
@@ -104,7 +105,7 @@ def test_padding_does_not_change_real_tokens():
   assert np.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-window", "gemma"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-window", "gemma", "qwen3-qk-norm"])
 def test_cache_decoding_equals_full_forward(name):
   cfg = VARIANTS[name]
   params = init_params(cfg)
@@ -278,6 +279,9 @@ PUBLISHED_COUNTS = {
   "llama-3.1-8b": 8_030_261_248,  # meta-llama/Llama-3.1-8B
   "llama-3.1-70b": 70_553_706_496,  # meta-llama/Llama-3.1-70B
   "qwen2.5-0.5b": 494_032_768,
+  # Qwen/Qwen3-0.6B: 0.44B without the tied embedding (its safetensors also hold the tied head)
+  "qwen3-0.6b": 596_049_920,
+  "qwen3-8b": 8_190_735_360,  # Qwen/Qwen3-8B
   "gemma-2b": 2_506_172_416,
 }
 
