@@ -225,6 +225,7 @@ _GPT2 = dict(
   tie_embeddings=True,
 )
 _LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu")
+_QWEN = dict(**_LLAMA, vocab_size=151936, rope_theta=1_000_000.0, norm_eps=1e-6)
 _LLAMA31 = dict(  # what Llama-3.1's sizes share
   **_LLAMA,
   vocab_size=128256,
@@ -299,21 +300,17 @@ PRESETS: dict[str, ModelConfig] = {
     tie_embeddings=False,
   ),
   "qwen2.5-0.5b": ModelConfig(
-    **_LLAMA,
-    vocab_size=151936,
+    **_QWEN,
     max_seq_len=32768,
     num_layers=24,
     num_heads=14,
     num_kv_heads=2,
     embed_dim=896,
     mlp_dim=4864,
-    rope_theta=1_000_000.0,
-    norm_eps=1e-6,
     qkv_bias=True,
   ),
   "qwen3-0.6b": ModelConfig(
-    **_LLAMA,
-    vocab_size=151936,
+    **_QWEN,
     max_seq_len=40960,
     num_layers=28,
     num_heads=16,
@@ -321,13 +318,10 @@ PRESETS: dict[str, ModelConfig] = {
     head_dim=128,
     embed_dim=1024,
     mlp_dim=3072,
-    rope_theta=1_000_000.0,
-    norm_eps=1e-6,
     qk_norm=True,
   ),
   "qwen3-8b": ModelConfig(
-    **_LLAMA,
-    vocab_size=151936,
+    **_QWEN,
     max_seq_len=40960,
     num_layers=36,
     num_heads=32,
@@ -335,8 +329,6 @@ PRESETS: dict[str, ModelConfig] = {
     head_dim=128,
     embed_dim=4096,
     mlp_dim=12288,
-    rope_theta=1_000_000.0,
-    norm_eps=1e-6,
     qk_norm=True,
     tie_embeddings=False,
   ),

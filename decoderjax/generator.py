@@ -280,15 +280,16 @@ class Generator:
     texts, new, starts = [list(e) for e in encoded], [[] for _ in encoded], [0] * rows
     active = np.ones(rows, bool)
     watch = _Watch(self.strings, rows, stream)
-    timings = dict(compile_s=0.0, prefill_s=0.0, decode_s=0.0, steps=0, windows=0)
+    timings = dict(compile_s=0.0, prefill_s=0.0, decode_s=0.0, windows=0)
     timings["prompt_tokens"] = sum(map(len, encoded))
-    while active.any() and timings["steps"] < c.max_new_tokens:
+    decoded = 0  # steps so far: the rows still going advance together
+    while active.any() and decoded < c.max_new_tokens:
       for row in np.flatnonzero(active):
         if len(texts[row]) - starts[row] >= self.limit:  # a full window slides
           starts[row] = len(texts[row]) - c.keep
       contexts = [texts[r][starts[r] :] if active[r] else texts[r][-1:] for r in range(rows)]
       room = min(self.limit - len(contexts[r]) for r in np.flatnonzero(active))
-      steps = min(c.max_new_tokens - timings["steps"], room)
+      steps = min(c.max_new_tokens - decoded, room)
       tokens, mask = self._padded(contexts, steps)
       key = rng if not timings["windows"] else jax.random.fold_in(rng, timings["windows"])
       watch.window(active.copy(), [list(n) for n in new])
@@ -299,7 +300,7 @@ class Generator:
         texts[row] += made
         if row in watch.stopped_at or (made and made[-1] in c.stop_ids):
           active[row] = False
-      timings["steps"] += steps
+      decoded += steps
       timings["windows"] += 1
     timings["steps"] = max(map(len, new))
     if stream is not None:

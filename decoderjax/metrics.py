@@ -155,8 +155,8 @@ class Logger:
     if self.bar is None:  # rates count from the first step logged (compiled by then)
       self.bar = Progress(self.total, "train", "steps", out=sys.stdout, start=step)
     if self.tty:
-      elapsed = max(time.perf_counter() - self.bar.t0, 1e-9)
-      tokens_per_sec = (step - self.bar.start) * self.tokens_per_step / elapsed
+      self.bar.done = step
+      tokens_per_sec = self.bar.rate() * self.tokens_per_step
       shown = {"tokens/s": f"{tokens_per_sec:,.0f}", **({} if loss is None else {"loss": loss})}
       self.bar.update(step, **shown)
     else:

@@ -39,33 +39,29 @@ class Progress:
     self.done = self.start = start
     self.shown = {}
 
-  def _amount(self, x: float) -> str:
-    return format_bytes(x, 1) if self.unit == "B" else f"{x:,.0f} {self.unit}"
+  def rate(self) -> float:
+    """Amount per second since the bar started."""
+    return (self.done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
 
   def timing(self) -> str:
     """'elapsed 0:12 ETA 0:30' at the rate so far."""
-    elapsed = time.perf_counter() - self.t0
-    rate = (self.done - self.start) / max(elapsed, 1e-9)
+    rate = self.rate()
     eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-    return f"elapsed {format_seconds(elapsed)} ETA {format_seconds(eta)}"
+    return f"elapsed {format_seconds(time.perf_counter() - self.t0)} ETA {format_seconds(eta)}"
 
   def line(self) -> str:
-    elapsed = time.perf_counter() - self.t0
-    rate = (self.done - self.start) / max(elapsed, 1e-9)
     share = min(self.done / self.total, 1.0) if self.total else 1.0
-    per = "MB/s" if self.unit == "B" else f"{self.unit}/s"
-    speed = rate / (1 << 20) if self.unit == "B" else rate
     bar = "#" * int(30 * share) + "." * (30 - int(30 * share))
+    if self.unit == "B":
+      amounts = f"{format_bytes(self.done, 1)}/{format_bytes(self.total, 1)}"
+      speed = f"{self.rate() / (1 << 20):,.1f} MB/s"
+    else:
+      amounts = f"{self.done:,.0f}/{self.total:,.0f} {self.unit}"
+      speed = f"{self.rate():,.1f} {self.unit}/s"
     fields = "".join(
       f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in self.shown.items()
     )
-    amounts = (
-      f"{self._amount(self.done)}/{self._amount(self.total)}"
-      if self.unit == "B"
-      else f"{self.done:,.0f}/{self.total:,.0f} {self.unit}"
-    )
-    rate_text = f"{speed:,.1f} {per}"
-    return f"{self.label} [{bar}] {100 * share:5.1f}% {amounts} {rate_text}{fields} {self.timing()}"
+    return f"{self.label} [{bar}] {100 * share:5.1f}% {amounts} {speed}{fields} {self.timing()}"
 
   def update(self, done: float, **shown) -> None:
     self.done = done
