@@ -60,6 +60,23 @@ def classification(plays, per_play: int, val_fraction=0.2, seed=0, speaker=False
   return shuffle(train, 1), shuffle(val, 2)
 
 
+def line_classification(plays=("hamlet", "romeo_and_juliet"), train=1200, val=300, seed=0):
+  """Which play a single line comes from (40-100 characters, no speaker): (train, val) records,
+  `train` and `val` per play, distinct lines, seeded."""
+  out_train, out_val = [], []
+  for play in plays:
+    lines = sorted({line for _, said in speeches(play) for line in said if 40 <= len(line) <= 100})
+    if len(lines) < train + val:
+      raise ValueError(f"{play}: {len(lines)} lines of 40-100 characters, need {train + val}")
+    picked = [lines[i] for i in np.random.default_rng(seed).permutation(len(lines))]
+    out_train += [{"text": t, "label": play} for t in picked[:train]]
+    out_val += [{"text": t, "label": play} for t in picked[train : train + val]]
+  order = lambda items, k: [
+    items[i] for i in np.random.default_rng(seed + k).permutation(len(items))
+  ]
+  return order(out_train, 1), order(out_val, 2)
+
+
 def instructions(plays, per_play: int, val_fraction=0.2, seed=0, chat=False):
   """Continue a speech: prompt = speaker and first line, completion = the second line; with
   `chat`, the same as a user / assistant conversation."""

@@ -4,7 +4,9 @@
     --config.init_from=MODEL_DIR --config.data.path=train.jsonl --config.data.eval_path=val.jsonl
 
 Records are {"text", "label"} (JSONL, or CSV with those columns); label names come from the
-training data or --config.data.labels=neg,pos. The head reads the last token's hidden state.
+training data or --config.data.labels=neg,pos. Each step's 8 examples are packed, whole, into
+rows no longer than 128 tokens (docs/finetuning.md); the head reads each text's last token (an
+appended EOS).
 The best checkpoint by validation accuracy is kept; training stops after `patience` evaluations
 without improvement. Then: python -m decoderjax.evaluate --checkpoint=WORKDIR --data_path=F
 and python -m decoderjax.predict --checkpoint=WORKDIR --text=...

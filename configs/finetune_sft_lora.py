@@ -4,7 +4,8 @@
     --config.init_from=MODEL_DIR --config.data.path=train.jsonl --config.data.eval_path=val.jsonl
 
 Records are {"prompt", "completion"} or chat {"messages": [...]} (rendered with the base model's
-chat template); the loss covers completion / assistant tokens only. The workdir holds only the
+chat template); the loss covers completion / assistant tokens only. Each step's 8 examples are
+packed, whole, into rows no longer than 512 tokens (docs/finetuning.md). The workdir holds only the
 adapters; `python -m decoderjax.generate --checkpoint=WORKDIR` merges them on load and
 `python -m decoderjax.convert --to=decoderjax --input=WORKDIR --output=DIR` writes a merged model.
 """

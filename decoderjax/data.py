@@ -47,7 +47,9 @@ class DataConfig:
   prompt_field: str = "prompt"  # sft: {"prompt", "completion"} records ...
   completion_field: str = "completion"
   messages_field: str = "messages"  # ... or chat {"messages": [{"role", "content"}, ...]}
-  pack: bool = True  # sft: several whole examples per row (never split across rows)
+  pack: bool = True  # sft, classify: a batch's examples share rows, whole (batch_size counts
+  # examples either way)
+  bucket: bool = True  # sft, classify unpacked: cut each batch to a bucket length >= its longest
   label_field: str = "label"  # classify: records {"text", "label"} (JSONL or CSV)
   labels: str = ""  # classify: comma-separated label names; empty: the training data's labels
   # Text augmentation of training inputs (targets unchanged); all off by default.
@@ -130,7 +132,10 @@ class Dataset:
   task: str = "lm"
   label_names: list[str] | None = None
 
-  def train_batches(self, batch_size: int, seed: int, rows: slice | None = None) -> Batches:
+  def train_batches(
+    self, batch_size: int, seed: int, rows: slice | None = None, shards=1
+  ) -> Batches:
+    del shards  # windows of a token stream fill every row: nothing to pack
     eos, noise = self.tokenizer.eos_id, augmenter(self.config, self.tokenizer)
     return Batches(self.train_tokens, self.config.seq_len, batch_size, seed, eos, rows, noise)
 
@@ -155,7 +160,8 @@ class MixtureDataset:
   task: str = "lm"
   label_names: list[str] | None = None
 
-  def train_batches(self, batch_size: int, seed: int, rows: slice | None = None):
+  def train_batches(self, batch_size: int, seed: int, rows: slice | None = None, shards=1):
+    del shards  # as Dataset's
     eos, seq_len = self.tokenizer.eos_id, self.config.seq_len
     sources = [
       Batches(t, seq_len, batch_size, seed, eos, stream=i) for i, t in enumerate(self.train)

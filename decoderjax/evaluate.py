@@ -65,7 +65,8 @@ def score(model, rows, mesh) -> dict:
   bar = Progress(-(-len(rows["inputs"]) // _BATCH.value), "evaluate", "batches")
 
   def outputs():
-    for batch in tasks.row_batches(rows, _BATCH.value):
+    ordered = tasks.take_rows(rows, tasks.by_length(rows))  # tight buckets; totals ignore order
+    for batch in tasks.row_batches(ordered, _BATCH.value, 0, True):
       yield jax.device_get(step(model.params, batch)), batch
       bar.advance()
 
@@ -161,7 +162,7 @@ def main(argv):
     records = tasks.read_records(_DATA_PATH.value)
     template = model.generation.get("chat_template")
     examples = [tasks.sft_example(r, tok, fields, template, f"{p}:{n}") for p, n, r in records]
-    rows, _ = tasks.pack_sft(examples, seq_len, False, 0)
+    rows, _ = tasks.sft_rows(examples, seq_len)
     result = score(model, rows, mesh)
     result["examples"] = len(examples)
     if _GENERATE.value:

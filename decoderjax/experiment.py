@@ -119,6 +119,7 @@ def finetune_base_config(method: str = "full", task: str = "lm") -> ml_collectio
     end_learning_rate=1e-5 if method == "full" else 1e-4,
     warmup_steps=20,
     weight_decay=0.01,
+    b2=0.999,  # torch's and transformers' AdamW default, which fine-tuning recipes assume
   )
   config.train.update(steps=300, batch_size=8, log_every=20)
   config.eval.update(every_steps=50, max_batches=0, at_start=True)

@@ -156,13 +156,15 @@ def record_inputs(module: nn.Module, name: str, x: Array, in_dims: int = 1, sink
 def lora(module: nn.Module, name: str, x: Array, in_dims, out_dims, in_axes, out_axes):
   """The low-rank update (alpha / rank) x A B of projection `name`; None where not adapted.
 
-  A [*in, r] starts random and B [r, *out] at zero, so an adapted model starts as its base.
+  A [*in, r] starts uniform in +-1/sqrt(fan in) (peft's, torch.nn.Linear's default) and
+  B [r, *out] at zero, so an adapted model starts as its base.
   """
   cfg = module.config
   if not cfg.lora_rank or name not in cfg.lora_target_set:
     return None
   r, dtype = cfg.lora_rank, dtype_of(cfg.dtype)
-  a_init = nn.initializers.normal(stddev=1.0 / math.sqrt(math.prod(in_dims)))
+  fan_in = tuple(range(len(in_dims)))
+  a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=fan_in, out_axis=-1)
   a = param(module, f"{name}_lora_a", (*in_dims, r), (*in_axes, None), a_init)
   b = param(module, f"{name}_lora_b", (r, *out_dims), (None, *out_axes), nn.initializers.zeros)
   if cfg.lora_dropout:

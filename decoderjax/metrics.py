@@ -128,11 +128,12 @@ def eval_totals(outputs, num_labels: int = 0) -> dict:
 class Logger:
   """metrics.jsonl + TensorBoard + a progress line (a bar on a TTY, plain lines otherwise)."""
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int = 0, tokens_per_step=0):
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     self.total, self.tty = total_steps, sys.stdout.isatty()
-    self.tokens_per_step = tokens_per_step
+    self.tokens_per_sec = None  # the last logged rate, shown on the bar
+    self.start = time.perf_counter()
     self.bar = None
     for path in (self.path, self.samples_path):  # a resumed run re-logs steps after its checkpoint
       if os.path.exists(path) and jax.process_index() == 0:
@@ -156,14 +157,17 @@ class Logger:
       self.bar = Progress(self.total, "train", "steps", out=sys.stdout, start=step)
     if self.tty:
       self.bar.done = step
-      tokens_per_sec = self.bar.rate() * self.tokens_per_step
-      shown = {"tokens/s": f"{tokens_per_sec:,.0f}", **({} if loss is None else {"loss": loss})}
+      if record and "tokens_per_sec" in record:
+        self.tokens_per_sec = record["tokens_per_sec"]
+      rate = {} if self.tokens_per_sec is None else {"tokens/s": f"{self.tokens_per_sec:,.0f}"}
+      shown = {**rate, **({} if loss is None else {"loss": loss})}
       self.bar.update(step, **shown)
     else:
       self.bar.done = step
     if record is None or jax.process_index() != 0:
       return
-    self.file.write(json.dumps(record) + "\n")
+    elapsed = round(time.perf_counter() - self.start, 3)  # wall clock, in the file alone
+    self.file.write(json.dumps({**record, "elapsed_s": elapsed}) + "\n")
     self.file.flush()
     if self.tb is not None:
       for key, value in record.items():

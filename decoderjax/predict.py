@@ -55,11 +55,14 @@ def main(argv):
   probs_fn = jax.jit(
     lambda p, b: jax.nn.softmax(pooled_logits(forward(p, cfg, b, None, True), b["last"]), -1)
   )
-  probs = []
+  order = tasks.by_length(rows)  # similar lengths batch together, each batch cut to its bucket
+  probs = np.zeros((len(texts), cfg.num_labels), np.float32)
   with sharding.activate(mesh):
-    for batch in tasks.row_batches(rows, _BATCH.value):
-      probs.append(np.asarray(probs_fn(model.params, batch)))
-  probs = np.concatenate(probs)[: len(texts)]
+    for i, batch in enumerate(
+      tasks.row_batches(tasks.take_rows(rows, order), _BATCH.value, 0, True)
+    ):
+      picked = order[i * _BATCH.value : (i + 1) * _BATCH.value]
+      probs[picked] = np.asarray(probs_fn(model.params, batch))[: len(picked), 0]
   results = []
   for (text, _), p in zip(texts, probs, strict=True):
     best = int(np.argmax(p))

@@ -196,10 +196,11 @@ def fetch(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-# From this many trained parameters, `cpu_devices=-1` keeps the CPU as one device: each
-# data-parallel device repeats the optimizer update and exchanges every gradient, while a large
-# model's matmuls already keep all cores busy inside one device (benchmarks/NOTES.md, "One CPU
-# device for large models").
+# From this many matmul parameters in the model, `cpu_devices=-1` keeps the CPU as one device:
+# a large model's matmuls already keep all cores busy inside one device, while each
+# data-parallel device repeats the optimizer update, exchanges every gradient and multiplies
+# fewer rows (benchmarks/NOTES.md, "One CPU device for large models"). Adapters count their
+# frozen base: its matmuls, forward and backward, are most of the step.
 CPU_SPLIT_MAX_PARAMS = 20_000_000
 
 
@@ -207,7 +208,7 @@ def split_cpu(cpu_devices: int, batch_sizes=(), num_params: int = 0) -> int:
   """Sets how many devices the CPU backend shows (before JAX starts); returns the count set.
 
   `-1` takes one device per core this process may run on, lowered to the largest count every
-  batch size divides by, when fewer than CPU_SPLIT_MAX_PARAMS parameters are trained
+  batch size divides by, when the model has fewer than CPU_SPLIT_MAX_PARAMS matmul parameters
   (`num_params`); otherwise one device. An explicit `--xla_force_host_platform_device_count`
   wins.
   """
@@ -221,8 +222,8 @@ def split_cpu(cpu_devices: int, batch_sizes=(), num_params: int = 0) -> int:
 
 
 def devices_per_core(cores: int, batch_sizes=(), num_params: int = 0) -> int:
-  """The most devices, at most one per core, that every batch size divides over; one when
-  CPU_SPLIT_MAX_PARAMS or more parameters are trained."""
+  """The most devices, at most one per core, that every batch size divides over; one for a
+  model of CPU_SPLIT_MAX_PARAMS or more matmul parameters."""
   if num_params >= CPU_SPLIT_MAX_PARAMS:
     return 1
   step = math.gcd(*batch_sizes) if batch_sizes else 1

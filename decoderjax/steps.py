@@ -77,18 +77,18 @@ def forward(params, cfg: ModelConfig, batch, rng, deterministic: bool, embed_del
   return logits
 
 
-def pooled_logits(logits_BTC, last_B):
-  """A classifier's logits at each row's last real token -> [B, C]."""
-  return jnp.take_along_axis(logits_BTC, last_B[:, None, None], axis=1)[:, 0]
+def pooled_logits(logits_BTC, last_BK):
+  """A classifier's logits at the last token of each example of each row -> [B, K, C]."""
+  return jnp.take_along_axis(logits_BTC, last_BK[:, :, None], axis=1)
 
 
 def task_loss(logits, batch, loss_cfg: LossConfig, vocab_pad: int = 0):
   """(loss sum, weight sum): next-token loss, or a classifier's loss per example."""
   if "labels" in batch:
     return cross_entropy(
-      pooled_logits(logits, batch["last"])[:, None],
-      batch["labels"][:, None],
-      batch["example_weights"][:, None],
+      pooled_logits(logits, batch["last"]),
+      batch["labels"],
+      batch["example_weights"],
       label_smoothing=loss_cfg.label_smoothing,
     )
   return cross_entropy(

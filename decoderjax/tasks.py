@@ -1,11 +1,15 @@
-"""Fine-tuning data: instruction (SFT) and classification examples -> fixed-length batches.
+"""Fine-tuning data: instruction (SFT) and classification examples -> training batches.
 
 SFT records are {"prompt", "completion"} pairs or chat {"messages": [{"role", "content"}, ...]}
 conversations rendered through the model's chat template; the loss covers the completion (every
-assistant message) and nothing else. Whole examples are packed into rows of `seq_len` tokens, each
-with its own segment id and positions, so packed examples never see each other. Classification
-records {"text", "label"} become one row each, with the index of the last token the classifier
-reads. As in data.py, the training batch of step `s` is a pure function of (seed, s).
+assistant message) and nothing else. Classification records {"text", "label"} carry the index
+of the last token the classifier reads. Each example is kept as a row of its own; a training
+batch of `batch_size` examples is packed (data.pack) into as few rows as hold them, whole, rows
+as long as the longest training example's bucket, each example with its own segment id and
+positions so packed examples never see each other; or else (data.bucket) cut to the shortest of
+a few lengths that holds its longest row. Validation examples are packed into rows of
+`seq_len`, or sorted by length and bucketed. As in data.py, the training batch of step `s` is a
+pure function of (seed, s).
 """
 
 from __future__ import annotations
@@ -178,19 +182,13 @@ def _is_message(message) -> bool:
   )
 
 
-def pack_sft(
-  examples: list[tuple[list[int], list[bool]]], seq_len: int, pack: bool, seed: int
-) -> tuple[Rows, int]:
-  """Examples -> rows [N, seq_len] of whole examples, and how many were cut to seq_len + 1."""
+def sft_rows(examples: list[tuple[list[int], list[bool]]], seq_len: int) -> tuple[Rows, int]:
+  """Examples -> one row [seq_len] each (right-padded), and how many were cut to seq_len + 1."""
   truncated = sum(len(tokens) > seq_len + 1 for tokens, _ in examples)
   cut = lambda t, m: (t, m) if len(t) <= seq_len + 1 else (t[: seq_len + 1], m[: seq_len + 1])
   examples = [cut(t, m) for t, m in examples if len(t) >= 2]
   lengths = [len(tokens) - 1 for tokens, _ in examples]  # (input, target) pairs
-  if pack:
-    order = np.random.default_rng(seed).permutation(len(examples))
-    placed = _first_fit(lengths, order, seq_len)
-  else:
-    placed = [(i, i) for i in range(len(examples))]
+  placed = [(i, i) for i in range(len(examples))]
   return _fill_rows(examples, lengths, placed, seq_len), truncated
 
 
@@ -270,7 +268,7 @@ def label_names_of(records: list[Record], cfg: DataConfig) -> list[str]:
 def classify_rows(
   records: list[Record], tok: Tokenizer, cfg: DataConfig, seq_len: int, label_names: list[str]
 ) -> Rows:
-  """One row per record: text tokens (then EOS), the label's index and the last token's index."""
+  """Classifier rows of `records`, one each: _classify's rows."""
   return _classify(records, tok, cfg, seq_len, label_names)[0]
 
 
@@ -284,52 +282,165 @@ def _classify(records, tok, cfg, seq_len, label_names) -> tuple[Rows, int]:
       raise ValueError(f"{where}: label {label!r} is not one of {label_names}")
     texts.append((text, where))
     labels.append(index[str(label)])
-  rows, truncated = text_rows(texts, tok, seq_len)
-  rows["labels"] = np.asarray(labels, np.int32).reshape(len(records))
-  return rows, truncated
+  ids, truncated = encode_texts(texts, tok, seq_len)
+  return classifier_rows(ids, seq_len, labels), truncated
 
 
 def text_rows(texts: list[tuple[str, str]], tok: Tokenizer, seq_len: int) -> tuple[Rows, int]:
-  """A classifier's input rows for (text, where) pairs: tokens (truncated to leave room for
-  EOS, then EOS), right padding, and the last token's index -> (rows, count truncated)."""
+  """A classifier's input rows for (text, where) pairs, one text per row -> (rows, count
+  truncated)."""
+  ids, truncated = encode_texts(texts, tok, seq_len)
+  return classifier_rows(ids, seq_len), truncated
+
+
+def encode_texts(texts: list[tuple[str, str]], tok: Tokenizer, seq_len: int):
+  """(text, where) pairs -> (token lists: the text, cut to leave room for EOS, then EOS; how
+  many were cut). The head reads the EOS: one learned position that every text ends on."""
   eos = [] if tok.eos_id is None else [tok.eos_id]
   keep = seq_len - len(eos)
-  n = len(texts)
-  rows = {k: np.zeros((n, seq_len), np.int32) for k in ("inputs", "segment_ids", "positions")}
-  rows["last"] = np.zeros(n, np.int32)
-  rows["example_weights"] = np.ones(n, np.float32)
-  truncated = 0
-  for r, (text, where) in enumerate(texts):
+  out, truncated = [], 0
+  for text, where in texts:
     ids = tok.encode(text)
     truncated += len(ids) > keep
     ids = ids[:keep] + eos
     if not ids:
       raise ValueError(f"{where}: empty text")
-    rows["inputs"][r, : len(ids)] = ids
-    rows["segment_ids"][r, : len(ids)] = 1
-    rows["positions"][r, : len(ids)] = np.arange(len(ids))
-    rows["last"][r] = len(ids) - 1
-  return rows, truncated
+    out.append(ids)
+  return out, truncated
+
+
+def classifier_rows(ids: list[list[int]], seq_len: int, labels=None) -> Rows:
+  """Examples -> one row [seq_len] each (right-padded, segment 1, positions from 0) and
+  per-example arrays [N, 1]: `last` (the index of the token the head reads), `example_weights`
+  and, given, `labels`."""
+  n = len(ids)
+  rows = {key: np.zeros((n, seq_len), np.int32) for key in ("inputs", "segment_ids", "positions")}
+  rows.update(last=np.zeros((n, 1), np.int32), example_weights=np.ones((n, 1), np.float32))
+  for r, x in enumerate(ids):
+    rows["inputs"][r, : len(x)] = x
+    rows["segment_ids"][r, : len(x)] = 1
+    rows["positions"][r, : len(x)] = np.arange(len(x))
+    rows["last"][r] = len(x) - 1
+  if labels is not None:
+    rows["labels"] = np.asarray(labels, np.int32).reshape(n, 1)
+  return rows
+
+
+def pack_examples(rows: Rows, shards: int, capacity: int, slots: int = 0) -> Rows:
+  """A batch of one-example rows -> the same examples packed whole into rows of `capacity`
+  tokens (at least the longest example), each keeping its own segment id and positions, then
+  cut to a bucket length.
+
+  The batch splits into `shards` equal groups (one per batch shard, in order), packed apart
+  (first-fit, longest first) into as many rows as the fullest group needs, so every shard holds
+  its own examples and all have one shape. Per-example arrays (a classifier's `last`, `labels`,
+  `example_weights`) become [rows, K], K = `slots` or else the most examples any row holds;
+  empty slots weigh 0.
+  """
+  n = len(rows["inputs"])
+  per = n // shards
+  lengths = row_lengths(rows)
+  placements = []
+  for g in range(shards):
+    members = np.arange(g * per, (g + 1) * per)
+    order = members[np.argsort(-lengths[members], kind="stable")]
+    placements.append(_first_fit(lengths.tolist(), order, capacity))
+  r = max(row for placed in placements for _, row in placed) + 1
+  tokens = [k for k in rows if k in TOKEN_KEYS]
+  out = {k: np.zeros((shards * r, capacity), rows[k].dtype) for k in tokens}
+  k_slots = slots or max(int(np.bincount([row for _, row in p]).max()) for p in placements)
+  out.update(
+    {k: np.zeros((shards * r, k_slots), v.dtype) for k, v in rows.items() if k not in tokens}
+  )
+  for g, placed in enumerate(placements):
+    used, count = np.zeros(r, int), np.zeros(r, int)
+    for i, row in placed:
+      o, start, j = g * r + row, used[row], count[row]
+      end = start + lengths[i]
+      for k in tokens:
+        out[k][o, start:end] = rows[k][i, : lengths[i]]
+      out["segment_ids"][o, start:end] = j + 1
+      for k in out.keys() - tokens:
+        out[k][o, j] = rows[k][i, 0] + (start if k == "last" else 0)
+      used[row], count[row] = end, j + 1
+  return cut_to_bucket(out, used_length(out["segment_ids"]))
+
+
+# Row lengths. A batch of task rows is cut to the first of these that holds its longest row:
+# a few compiled shapes, and rows of short examples no longer computed at seq_len.
+
+
+def bucket_length(n: int, seq_len: int) -> int:
+  """The shortest of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x them) that is >= n,
+  at most seq_len."""
+  length = 16
+  while length < n:
+    length = length * 3 // 2 if length & (length - 1) == 0 else length * 4 // 3
+  return min(length, seq_len)
+
+
+TOKEN_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")  # [rows, seq_len]
+
+
+def used_length(segment_ids_NT: np.ndarray) -> int:
+  """How many leading columns hold a token in any row (rows are right-padded)."""
+  columns = np.flatnonzero(segment_ids_NT.any(axis=0))
+  return int(columns[-1]) + 1 if len(columns) else 0
+
+
+def cut_to_bucket(batch: Rows, used: int) -> Rows:
+  """The batch with its token arrays cut to bucket_length(used)."""
+  length = bucket_length(used, batch["inputs"].shape[1])
+  return {k: v[:, :length] if k in TOKEN_KEYS else v for k, v in batch.items()}
+
+
+def row_lengths(rows: Rows) -> np.ndarray:
+  """Tokens in each row."""
+  return (rows["segment_ids"] != 0).sum(axis=1)
+
+
+def by_length(rows: Rows) -> np.ndarray:
+  """Row indices, shortest row first (stable): batches of similar lengths bucket tightly."""
+  return np.argsort(row_lengths(rows), kind="stable")
+
+
+def take_rows(rows: Rows, indices) -> Rows:
+  return {k: v[indices] for k, v in rows.items()}
 
 
 # Batches.
 
 
 class TaskBatches:
-  """Deterministic training batches of a task's rows: batch(step) is a function of (seed, step).
+  """Deterministic training batches of a task's examples: batch(step) is a function of
+  (seed, step).
 
-  Each epoch visits the rows in a fresh random order; with fewer rows than the batch size,
-  epochs wrap inside a batch. `rows` selects this host's rows of the global batch. Augmentation
-  draws from (seed, step, row of the global batch), so hosts agree with a single-host run.
+  Each epoch visits the examples (one per row of `data`) in a fresh random order; with fewer
+  than the batch size, epochs wrap inside a batch. `rows` selects this host's examples of the
+  global batch. With `pack`, the global batch's examples are packed into rows per batch shard
+  as long as the longest example's bucket (pack_examples; this host takes its shards' rows);
+  else, with `bucket`, the batch is cut to the bucket length of its longest row. Either way
+  every host gets the same shape.
+  Augmentation draws from (seed, step, row of the global batch), so hosts agree with a
+  single-host run.
   """
 
-  def __init__(self, data: Rows, batch_size: int, seed: int, rows=None, noise=None):
+  def __init__(
+    self, data: Rows, batch_size: int, seed: int, rows=None, noise=None, pack=False, bucket=False,
+    shards=1,
+  ):  # fmt: skip
     """`noise(inputs_BT, segment_ids_BT, rng) -> inputs_BT` augments the inputs (None: off)."""
     self.data, self.batch_size, self.seed, self.noise = data, batch_size, seed, noise
-    self.rows = rows or slice(0, batch_size)  # this host's rows of the global batch
+    self.rows = rows or slice(0, batch_size)  # this host's examples of the global batch
+    self.pack, self.bucket, self.shards = pack, bucket, shards
     self.n = len(data["inputs"])
+    # Packed rows are as long as the longest example's bucket, not seq_len: a few short examples
+    # fill several short rows, where one long row would be mostly padding.
+    self.capacity = bucket_length(used_length(data["segment_ids"]), data["inputs"].shape[1])
     if self.n == 0:
       raise ValueError("no training rows to batch")
+    if batch_size % shards:
+      raise ValueError(f"batch size {batch_size} does not divide over {shards} batch shards")
     self._orders = {}  # recent epochs' permutations
 
   def _order(self, epoch: int) -> np.ndarray:
@@ -340,14 +451,25 @@ class TaskBatches:
     return self._orders[epoch]
 
   def example_indices(self, step: int) -> np.ndarray:
-    """The rows of `data` this host reads at `step`."""
+    """The rows of `data` the global batch of `step` reads, in batch order."""
     first = step * self.batch_size
-    picked = [divmod(i, self.n) for i in range(first, first + self.batch_size)[self.rows]]
+    picked = [divmod(i, self.n) for i in range(first, first + self.batch_size)]
     return np.array([self._order(epoch)[k] for epoch, k in picked], dtype=int)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    batch = {k: v[self.example_indices(step)] for k, v in self.data.items()}
-    return add_noise(batch, self.noise, self.seed, step, range(self.batch_size)[self.rows])
+    everyone = self.example_indices(step)  # every host's examples: all cut or pack alike
+    if self.pack:
+      per = self.batch_size // self.shards
+      packed = pack_examples(take_rows(self.data, everyone), self.shards, self.capacity, per)
+      rows_per_shard = len(packed["inputs"]) // self.shards
+      mine = slice(self.rows.start // per * rows_per_shard, self.rows.stop // per * rows_per_shard)
+      batch, global_rows = take_rows(packed, mine), range(len(packed["inputs"]))[mine]
+    else:
+      batch = take_rows(self.data, everyone[self.rows])
+      global_rows = range(self.batch_size)[self.rows]
+      if self.bucket:
+        batch = cut_to_bucket(batch, used_length(self.data["segment_ids"][everyone]))
+    return add_noise(batch, self.noise, self.seed, step, global_rows)
 
   def tokens_seen(self, steps: int) -> dict[str, int]:
     del steps
@@ -362,36 +484,48 @@ class TaskDataset:
   val: Rows
   label_names: list[str] | None  # classify: the classes, in label-index order
   stats: dict  # example, row, token and truncation counts
-  config: DataConfig = DataConfig()  # its augmentation settings apply to training batches
+  config: DataConfig = DataConfig()  # its augmentation and bucketing settings apply
 
-  def train_batches(self, batch_size: int, seed: int, rows: slice | None = None) -> TaskBatches:
-    """Deterministic training batches, augmented as data.{token_dropout, ...} ask."""
-    noise = augmenter(self.config, self.tokenizer)
-    return TaskBatches(self.train, batch_size, seed, rows, noise)
+  def train_batches(self, batch_size: int, seed: int, rows=None, shards=1) -> TaskBatches:
+    """Deterministic training batches of `batch_size` examples over `shards` batch shards,
+    packed or bucketed as data.{pack, bucket} ask, augmented as data.{token_dropout, ...} do."""
+    noise, cfg = augmenter(self.config, self.tokenizer), self.config
+    return TaskBatches(self.train, batch_size, seed, rows, noise, cfg.pack, cfg.bucket, shards)
 
   def describe(self) -> str:
     s = self.stats
     text = (
-      f"{s['examples']:,} train / {s['val_examples']:,} val {self.task} examples "
-      f"in {s['rows']:,} / {s['val_rows']:,} rows"
+      f"{s['examples']:,} train / {s['val_examples']:,} val {self.task} examples, "
+      + ("packed per batch" if self.config.pack else "a row each")
+      + (", bucketed" if self.config.bucket else "")
     )
     return text + (f", {s['truncated']:,} truncated" if s.get("truncated") else "")
 
   def eval_batches(self, batch_size: int, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    return row_batches(self.val, batch_size, max_batches)
+    return row_batches(self.val, batch_size, max_batches, self.config.bucket)
 
 
-def row_batches(rows: Rows, batch_size: int, max_batches: int = 0) -> Iterator[Rows]:
-  """Consecutive rows; the last batch is padded with zero rows (zero weights)."""
+def validation_rows(rows: Rows, cfg: DataConfig) -> Rows:
+  """Validation examples, all packed into rows of seq_len (data.pack: batches of long rows are
+  the cheapest to score), else a row each, shortest first (batches bucket tightly)."""
+  if cfg.pack and len(rows["inputs"]):
+    return pack_examples(rows, 1, cfg.seq_len)
+  return take_rows(rows, by_length(rows))
+
+
+def row_batches(rows: Rows, batch_size: int, max_batches: int = 0, bucket=False) -> Iterator[Rows]:
+  """Consecutive rows; the last batch is padded with zero rows (zero weights). With `bucket`,
+  each batch is cut to its longest row's bucket length."""
   n = len(rows["inputs"])
   if max_batches:
     n = min(n, max_batches * batch_size)
   for i in range(0, n, batch_size):
     real = min(batch_size, n - i)
-    yield {
+    batch = {
       k: np.concatenate([v[i : i + real], np.zeros((batch_size - real, *v.shape[1:]), v.dtype)])
       for k, v in rows.items()
     }
+    yield cut_to_bucket(batch, used_length(batch["segment_ids"])) if bucket else batch
 
 
 def load_task_dataset(cfg: DataConfig, tok: Tokenizer, chat_template: str | None) -> TaskDataset:
@@ -434,20 +568,18 @@ def _sft_dataset(cfg, tok, chat_template, train, val) -> TaskDataset:
   split = {}
   for name, records in (("train", train), ("val", val)):
     examples = [sft_example(r, tok, cfg, chat_template, f"{p}:{n}") for p, n, r in records]
-    split[name] = (len(examples), *pack_sft(examples, cfg.seq_len, cfg.pack, cfg.seed))
+    split[name] = (len(examples), *sft_rows(examples, cfg.seq_len))
   (n_train, rows, truncated), (n_val, val_rows, _) = split["train"], split["val"]
+  val_rows = validation_rows(val_rows, cfg)
   if not len(rows["inputs"]) or not len(val_rows["inputs"]):
     raise ValueError(f"{cfg.path}: no example has the 2 tokens a training pair needs")
   tokens = int((rows["segment_ids"] != 0).sum())
   stats = {
     "examples": n_train,
     "val_examples": n_val,
-    "rows": len(rows["inputs"]),
-    "val_rows": len(val_rows["inputs"]),
     "truncated": truncated,
     "tokens": tokens,
     "loss_tokens": int(rows["weights"].sum()),
-    "fill": tokens / rows["inputs"].size,  # the fraction of row slots holding tokens
   }
   return TaskDataset("sft", tok, rows, val_rows, None, stats, cfg)
 
@@ -456,15 +588,14 @@ def _classify_dataset(cfg, tok, train, val) -> TaskDataset:
   names = label_names_of(train, cfg)
   rows, truncated = _classify(train, tok, cfg, cfg.seq_len, names)
   val_rows, _ = _classify(val, tok, cfg, cfg.seq_len, names)
+  val_rows = validation_rows(val_rows, cfg)
+  tokens = int((rows["segment_ids"] != 0).sum())
+  counts = np.bincount(rows["labels"][:, 0], minlength=len(names))
   stats = {
     "examples": len(train),
     "val_examples": len(val),
-    "rows": len(train),
-    "val_rows": len(val),
     "truncated": truncated,
-    "tokens": int((rows["segment_ids"] != 0).sum()),
-    "label_counts": dict(
-      zip(names, np.bincount(rows["labels"], minlength=len(names)).tolist(), strict=True)
-    ),
+    "tokens": tokens,
+    "label_counts": dict(zip(names, counts.tolist(), strict=True)),
   }
   return TaskDataset("classify", tok, rows, val_rows, names, stats, cfg)

@@ -60,8 +60,7 @@ def main(argv):
   # Nothing above starts JAX's backends: the CPU split and the cluster come first.
   train_batch, accum = exp.train.batch_size, max(exp.loss.grad_accum_steps, 1)
   batches = (train_batch, train_batch // accum, exp.eval.batch_size or train_batch)
-  trained = metrics.matmul_params(exp.model) if exp.finetune.method == "full" else 0  # adapters
-  sharding.split_cpu(exp.mesh.cpu_devices, batches, trained)
+  sharding.split_cpu(exp.mesh.cpu_devices, batches, metrics.matmul_params(exp.model))
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   final = trainer.train(exp, workdir, dataset)
   if jax.process_count() > 1:  # leave together: no process exits while another still talks

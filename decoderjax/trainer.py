@@ -4,6 +4,7 @@ Orbax checkpoints, early stopping and preemption); the train state is built in s
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -154,13 +155,18 @@ class _Preemption:
 class _Clock:
   """Training throughput between log lines, leaving out evaluation, samples and saves."""
 
-  def __init__(self, step: int):
-    self.t, self.step, self.paused = time.perf_counter(), step, 0.0
+  def __init__(self):
+    self.t, self.paused, self.tokens = time.perf_counter(), 0.0, 0
 
-  def tokens_per_sec(self, step: int, tokens_per_step: int) -> float:
+  def count(self, batch) -> None:
+    """Adds a step's token slots (bucketed task batches vary in length)."""
+    self.tokens += math.prod(batch["inputs"].shape)
+
+  def tokens_per_sec(self) -> float:
+    """Token slots per second since the last call, pauses left out."""
     now = time.perf_counter()
-    rate = tokens_per_step * (step - self.step) / max(now - self.t - self.paused, 1e-9)
-    self.t, self.step, self.paused = now, step, 0.0
+    rate = self.tokens / max(now - self.t - self.paused, 1e-9)
+    self.t, self.paused, self.tokens = now, 0.0, 0
     return rate
 
   @contextlib.contextmanager
@@ -203,14 +209,12 @@ class _Run:
     self.step_fn = state_lib.jit_train_step(exp, optimizer, self.layout, mesh)
     self.eval_fn = state_lib.jit_eval_step(exp, self.layout, mesh)
     rows = sharding_lib.local_batch_rows(mesh, exp.train.batch_size)
-    self.batches = dataset.train_batches(exp.train.batch_size, exp.data.seed, rows)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]  # task batches pack each shard's examples
+    self.batches = dataset.train_batches(exp.train.batch_size, exp.data.seed, rows, shards)
     self.mngr = checkpoints.manager(workdir, exp.checkpoint.keep, exp.checkpoint.keep_best)
     self.state, self.frozen = self._restore_or_init(optimizer)
-    self.step_tokens = exp.train.batch_size * exp.data.seq_len
     self._describe()
-    self.logger = metrics_lib.Logger(
-      workdir, exp.train.steps, int(self.state.step), tokens_per_step=self.step_tokens
-    )
+    self.logger = metrics_lib.Logger(workdir, exp.train.steps, int(self.state.step))
     self.samples = not exp.model.num_labels and exp.train.sample_tokens > 0  # (a classifier: none)
     self.sampler = _Sampler(exp, dataset.tokenizer) if self.samples else None
     self.preemption = _Preemption()
@@ -271,7 +275,7 @@ class _Run:
     """The log line of `step`, on logging steps."""
     if step % self.exp.train.log_every and step != self.exp.train.steps:
       return None
-    tokens_per_sec = clock.tokens_per_sec(step, self.step_tokens)
+    tokens_per_sec = clock.tokens_per_sec()
     return {
       "step": step,
       "loss": loss,
@@ -318,7 +322,7 @@ def train(exp: Experiment, workdir: str, dataset: data_lib.Dataset) -> dict:
 def _loop(run: _Run) -> dict:
   exp, steps = run.exp, run.exp.train.steps
   start = int(run.state.step)
-  clock, best = _Clock(start), _Best(exp.train.early_stopping_patience)
+  clock, best = _Clock(), _Best(exp.train.early_stopping_patience)
   last, done, stopped_early = {}, start, False
   if exp.eval.at_start and start == 0:  # the starting point competes for the best too
     best.result = {"step": 0, **run.evaluate()}
@@ -327,6 +331,7 @@ def _loop(run: _Run) -> dict:
   next_batch = run.batch(start)
   for step in range(start, steps):
     run.state, m = run.step_fn(run.state, next_batch, run.frozen)  # dispatched asynchronously
+    clock.count(next_batch)
     done = step + 1
     if done < steps:  # prefetch: the next batch is built and sent meanwhile
       next_batch = run.batch(done)

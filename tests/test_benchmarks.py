@@ -1,5 +1,5 @@
-"""Benchmarks that run in CI: the accelerator MFU script with a tiny preset on CPU, and the
-matmul-chain script's FLOP count and run."""
+"""Benchmarks that run in CI: the accelerator MFU script with a tiny preset on CPU, the
+matmul-chain script's FLOP count and run, and the fine-tuning benchmark's task and schedule."""
 
 import json
 import os
@@ -62,3 +62,28 @@ def test_data_pipeline_benchmark_runs_small(tmp_path):
   assert all(r["prepare_mb_s"] > 0 and r["library_mb_s"] > 0 for r in result["throughput"])
   (row,) = result["memory"]
   assert row["corpus_mb"] == 1 and 0 < row["pipeline_peak_rss_mb"] < 1024
+
+
+def test_finetune_vs_peft_task_and_schedule_match_ours(monkeypatch):
+  """The side-by-side fine-tuning benchmark: its line task as described (balanced, 40-100
+  characters, no line on both sides) and its peft learning rates equal to our schedule's."""
+  monkeypatch.syspath_prepend(BENCHMARKS)
+  import finetune_vs_peft
+  import shakespeare_tasks
+
+  from decoderjax.optimizer import OptimizerConfig, make_schedule
+
+  train, val = shakespeare_tasks.line_classification()
+  assert len(train) == 2400 and len(val) == 600
+  for records in (train, val):
+    labels = [r["label"] for r in records]
+    assert labels.count("hamlet") == labels.count("romeo_and_juliet") == len(records) // 2
+    assert all(40 <= len(r["text"]) <= 100 for r in records)
+  assert not {r["text"] for r in train} & {r["text"] for r in val}
+  cfg = OptimizerConfig(
+    learning_rate=finetune_vs_peft.LR, end_learning_rate=finetune_vs_peft.END_LR,
+    warmup_steps=finetune_vs_peft.WARMUP, schedule="cosine",
+  )  # fmt: skip
+  ours = make_schedule(cfg, 300)
+  theirs = [finetune_vs_peft._schedule(step, 300) for step in range(300)]
+  np.testing.assert_allclose(theirs, [float(ours(step)) for step in range(300)], rtol=1e-5)

@@ -3,16 +3,26 @@ accumulation against one big batch, adversarial perturbations on the embeddings.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoderjax import data, experiment, sharding
+from decoderjax import data, experiment, sharding, tasks
 from decoderjax import state as state_lib
 from decoderjax.config import get_preset
+from decoderjax.model import Decoder
 from decoderjax.optimizer import OptimizerConfig, make_optimizer, make_schedule
-from decoderjax.steps import LossConfig, adversarial_delta, cross_entropy, train_step
+from decoderjax.steps import (
+  LossConfig,
+  adversarial_delta,
+  cross_entropy,
+  eval_step,
+  forward,
+  pooled_logits,
+  train_step,
+)
 
 
 def test_cross_entropy_with_z_loss_and_label_smoothing():
@@ -63,3 +73,31 @@ def test_adversarial_perturbations_stay_in_the_ball_and_raise_the_loss(kind):
   norms = jnp.sqrt(jnp.sum(delta**2, axis=(1, 2)))
   assert np.all(norms <= 0.3 * (1 + 1e-5)) and np.all(norms > 0.25)
   assert float(loss(delta)) > float(loss(jnp.zeros_like(delta)))
+
+
+def test_packed_classification_equals_each_example_alone():
+  """Packing a classifier's batch changes neither any example's logits nor the loss and
+  predictions: the head reads each example's last token, attention stays within examples."""
+  cfg = get_preset("tiny-llama").replace(num_labels=3, dtype="float32")
+  rng = np.random.default_rng(0)
+  ids = [rng.integers(1, cfg.vocab_size, int(n)).tolist() for n in rng.integers(1, 14, 12)]
+  labels = rng.integers(0, 3, len(ids)).tolist()
+  alone = tasks.classifier_rows(ids, 16, labels)
+  packed = tasks.pack_examples(alone, 2, 16)
+  assert len(packed["inputs"]) < len(ids) and packed["inputs"].shape[1] == 16
+  params = nn.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+  logits_alone = pooled_logits(forward(params, cfg, alone, None, True), alone["last"])[:, 0]
+  logits_packed = pooled_logits(forward(params, cfg, packed, None, True), packed["last"])
+  a = eval_step(params, alone, cfg=cfg, loss_cfg=LossConfig())
+  b = eval_step(params, packed, cfg=cfg, loss_cfg=LossConfig())
+  seen = []
+  for r, k in zip(*np.nonzero(packed["example_weights"]), strict=True):
+    at = np.flatnonzero(packed["segment_ids"][r] == k + 1)  # slot k's example, whole
+    i = ids.index(packed["inputs"][r, at].tolist())
+    seen.append(i)
+    assert packed["last"][r, k] == at[-1] and packed["labels"][r, k] == labels[i]
+    np.testing.assert_allclose(logits_packed[r, k], logits_alone[i], atol=1e-5)
+    assert b["predictions"][r, k] == a["predictions"][i, 0]
+  assert sorted(seen) == list(range(len(ids)))  # every example once
+  np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-5)
+  assert float(a["weight_sum"]) == float(b["weight_sum"]) == len(ids)

@@ -114,10 +114,10 @@ def test_render_chat_generation_prompt(chat_tok):
 @pytest.mark.parametrize("tok", [ByteTokenizer(), CharTokenizer.train([p + c for p, c in PAIRS])])
 def test_sft_weights_cover_exactly_the_completion(tok, tmp_path):
   path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
-  cfg = DataConfig(path=path, eval_path=path, task="sft", seq_len=64, pack=False)
+  cfg = DataConfig(path=path, eval_path=path, task="sft", seq_len=64)
   ds = tasks.load_task_dataset(cfg, tok, None)
   bos = [] if tok.bos_id is None else [tok.bos_id]
-  for row, (prompt, completion) in enumerate(PAIRS):  # pack=False keeps the file's order
+  for row, (prompt, completion) in enumerate(PAIRS):  # training rows keep the file's order
     tokens = bos + tok.encode(prompt) + tok.encode(completion) + [tok.eos_id]
     n = len(tokens) - 1
     np.testing.assert_array_equal(ds.train["inputs"][row, :n], tokens[:-1])
@@ -185,14 +185,18 @@ def naive_first_fit(lengths, order, capacity):
 
 def test_packing_keeps_examples_whole_and_counts_truncation():
   rng = np.random.default_rng(0)
-  seq_len = 16
+  seq_len, shards = 16, 3
   examples = []
   for i in range(60):
     n = int(rng.integers(2, 22))  # some longer than seq_len + 1 = 17
     tokens = list(range(1000 * (i + 1), 1000 * (i + 1) + n))  # every token names its example
     examples.append((tokens, [bool(b) for b in rng.random(n) < 0.5]))
-  rows, truncated = tasks.pack_sft(examples, seq_len, pack=True, seed=3)
+  one_each, truncated = tasks.sft_rows(examples, seq_len)
   assert truncated == sum(len(t) > seq_len + 1 for t, _ in examples)
+  assert len(one_each["inputs"]) == len(examples) and (one_each["segment_ids"].max(1) == 1).all()
+  rows = tasks.pack_examples(one_each, shards, seq_len)
+  assert len(rows["inputs"]) % shards == 0 and len(rows["inputs"]) < len(examples)
+  per_shard = len(rows["inputs"]) // shards
   expected = {t[0] // 1000: (t[: seq_len + 1], m[: seq_len + 1]) for t, m in examples}
   found, where = {}, {}
   for r in range(len(rows["inputs"])):
@@ -211,19 +215,26 @@ def test_packing_keeps_examples_whole_and_counts_truncation():
       np.testing.assert_array_equal(rows["targets"][r, at][:-1], rows["inputs"][r, at][1:])
       example = tokens[0] // 1000
       assert example not in found  # never split, never twice
+      assert (example - 1) // 20 == r // per_shard  # each shard packs its own examples
       found[example], where[example] = (tokens, rows["weights"][r, at]), r
   assert found.keys() == expected.keys()
   for example, (tokens, weights) in found.items():
     want_tokens, want_mask = expected[example]
     assert tokens == want_tokens
     np.testing.assert_array_equal(weights, np.array(want_mask[1:], np.float32))
-  # The rows agree with a plain first-fit over the same seeded order.
+  # Each shard's rows agree with a plain first-fit, longest example first.
   lengths = [min(len(t), seq_len + 1) - 1 for t, _ in examples]
-  order = np.random.default_rng(3).permutation(len(examples))
-  assert [where[i + 1] for i in order] == naive_first_fit(lengths, order, seq_len)
-  unpacked, _ = tasks.pack_sft(examples, seq_len, pack=False, seed=3)
-  assert len(unpacked["inputs"]) == len(examples) > len(rows["inputs"])
-  assert (unpacked["segment_ids"].max(axis=1) == 1).all()
+  for g in range(shards):
+    order = sorted(range(20 * g, 20 * g + 20), key=lambda i: -lengths[i])
+    rows_of = [where[i + 1] - g * per_shard for i in order]
+    assert rows_of == naive_first_fit(lengths, order, seq_len)
+
+
+def test_bucket_lengths():
+  assert [tasks.bucket_length(n, 128) for n in (0, 1, 16, 17, 24, 25, 33, 49, 65, 97)] == [
+    16, 16, 16, 24, 24, 32, 48, 64, 96, 128,
+  ]  # fmt: skip
+  assert tasks.bucket_length(200, 256) == 256 and tasks.bucket_length(100, 100) == 100
 
 
 # Classification.
@@ -257,8 +268,8 @@ def test_classify_rows_from_csv_and_jsonl_agree(tmp_path):
     np.testing.assert_array_equal(rows["inputs"][r], ids + [0] * (12 - n))
     np.testing.assert_array_equal(rows["segment_ids"][r], [1] * n + [0] * (12 - n))
     np.testing.assert_array_equal(rows["positions"][r, :n], np.arange(n))
-    assert rows["inputs"][r, rows["last"][r]] == tok.eos_id and rows["last"][r] == n - 1
-    assert a.label_names[rows["labels"][r]] == label
+    assert rows["inputs"][r, rows["last"][r, 0]] == tok.eos_id and rows["last"][r, 0] == n - 1
+    assert a.label_names[rows["labels"][r, 0]] == label
   assert a.stats["truncated"] == sum(len(t) > 11 for t, _ in REVIEWS)
   assert (rows["example_weights"] == 1).all()
 
@@ -274,7 +285,8 @@ def test_classify_label_names_and_errors(tmp_path):
   ds = tasks.load_task_dataset(dataclasses.replace(cfg, labels="1, 0, 2"), tok, None)
   assert ds.label_names == ["1", "0", "2"]
   labels = [r["label"] for r in records]
-  both = np.concatenate([ds.train["labels"], ds.val["labels"]])
+  real = lambda rows: rows["labels"][rows["example_weights"] > 0]  # packed: empty slots too
+  both = np.concatenate([real(ds.train), real(ds.val)])
   np.testing.assert_array_equal(np.sort(both), np.sort([1 - y for y in labels]))  # "1" is index 0
   with pytest.raises(ValueError, match=r"train.jsonl:1: label 0 is not one of \['1', '2'\]"):
     tasks.load_task_dataset(dataclasses.replace(cfg, labels="1,2"), tok, None)
@@ -298,18 +310,19 @@ def test_classify_label_names_and_errors(tmp_path):
 def sft_dataset(tmp_path, n=23, **overrides) -> tasks.TaskDataset:
   records = [{"prompt": f"question {i}?", "completion": f"answer {i}"} for i in range(n)]
   path = write_jsonl(tmp_path / "sft.jsonl", records)
-  cfg = DataConfig(path=path, eval_path=path, task="sft", seq_len=32, **overrides)
+  cfg = DataConfig(path=path, eval_path=path, task="sft", **{"seq_len": 32, **overrides})
   return tasks.load_task_dataset(cfg, ByteTokenizer(), None)
 
 
 def row_ids(ds, batch) -> list[int]:
-  """Which training row each batch row is (the rows are distinct)."""
-  index = {ds.train["inputs"][r].tobytes(): r for r in range(len(ds.train["inputs"]))}
+  """Which training row each batch row is (the rows are distinct; batches may be cut short)."""
+  t = batch["inputs"].shape[1]
+  index = {ds.train["inputs"][r, :t].tobytes(): r for r in range(len(ds.train["inputs"]))}
   return [index[row.tobytes()] for row in batch["inputs"]]
 
 
 def test_train_batches_are_deterministic_and_hosts_partition_them(tmp_path):
-  ds = sft_dataset(tmp_path)
+  ds = sft_dataset(tmp_path, pack=False)
   n = len(ds.train["inputs"])
   assert n > 8
   a, b = ds.train_batches(8, seed=5), ds.train_batches(8, seed=5)
@@ -324,6 +337,20 @@ def test_train_batches_are_deterministic_and_hosts_partition_them(tmp_path):
   hosts = [ds.train_batches(8, seed=5, rows=slice(i, i + 4)) for i in (0, 4)]
   for key, value in a.batch(3).items():
     np.testing.assert_array_equal(np.concatenate([h.batch(3)[key] for h in hosts]), value)
+  records = [{"prompt": f"q{i}", "completion": "a" * (3 + 40 * (i % 7 == 0))} for i in range(40)]
+  path = write_jsonl(tmp_path / "mixed.jsonl", records)  # a few long examples, many short
+  cfg = DataConfig(path=path, eval_path=path, task="sft", seq_len=96)
+  packed = tasks.load_task_dataset(cfg, ByteTokenizer(), None)
+  whole = packed.train_batches(8, seed=5, shards=2).batch(3)
+  assert whole["segment_ids"].max() > 1 and len(whole["inputs"]) < 8
+  hosts = [packed.train_batches(8, seed=5, rows=slice(i, i + 4), shards=2) for i in (0, 4)]
+  for key, value in whole.items():  # each host packs its own shard's examples
+    np.testing.assert_array_equal(np.concatenate([h.batch(3)[key] for h in hosts]), value)
+  plain = dataclasses.replace(packed, config=dataclasses.replace(packed.config, pack=False))
+  one_each = plain.train_batches(8, seed=5).batch(3)  # the same examples, a row each
+  for key in ("inputs", "targets", "weights"):
+    real = [np.sort(b[key][b["segment_ids"] > 0]) for b in (whole, one_each)]
+    np.testing.assert_array_equal(*real)
 
 
 def test_fewer_rows_than_the_batch(tmp_path):
@@ -336,7 +363,7 @@ def test_fewer_rows_than_the_batch(tmp_path):
 
 
 def test_eval_batches_cover_every_row_once(tmp_path):
-  ds = sft_dataset(tmp_path, pack=False)
+  ds = sft_dataset(tmp_path, pack=False, bucket=False)
   n = len(ds.val["inputs"])
   batches = list(ds.eval_batches(4))
   assert len(batches) == -(-n // 4) and all(len(b["inputs"]) == 4 for b in batches)
@@ -353,7 +380,7 @@ def test_classify_eval_batches_pad_with_zero_example_weights(tmp_path):
   cfg = DataConfig(path=path, eval_path=path, task="classify", seq_len=8)
   ds = tasks.load_task_dataset(cfg, ByteTokenizer(), None)
   last = list(ds.eval_batches(4))[-1]
-  np.testing.assert_array_equal(last["example_weights"], [1, 1, 0, 0])
+  np.testing.assert_array_equal(last["example_weights"], [[1], [1], [0], [0]])  # a row each
   np.testing.assert_array_equal(last["labels"][:2], ds.val["labels"][4:])
 
 
@@ -363,7 +390,9 @@ def test_classify_eval_batches_pad_with_zero_example_weights(tmp_path):
 def test_augmentation_off_leaves_batches_alone(tmp_path):
   ds = sft_dataset(tmp_path)
   batch = ds.train_batches(8, seed=0).batch(2)
-  np.testing.assert_array_equal(batch["inputs"], ds.train["inputs"][row_ids(ds, batch)])
+  ids, t = row_ids(ds, batch), batch["inputs"].shape[1]
+  np.testing.assert_array_equal(batch["inputs"], ds.train["inputs"][ids, :t])
+  assert not ds.train["segment_ids"][ids, t:].any()  # bucketing cut padding alone
 
 
 @pytest.mark.parametrize("name", ["token_dropout", "random_replace", "span_mask"])
