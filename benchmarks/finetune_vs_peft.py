@@ -139,10 +139,13 @@ def _sft_tensors(tok, records):
 def _pad(rows, pad_id):
   import torch
 
+  """Right-padded ids, attention mask and labels. The mask comes from each row's length: the pad
+  id is EOS (<|im_end|>), which the chat template also writes after every turn."""
   width = max(len(ids) for ids, _ in rows)
   ids = torch.tensor([x + [pad_id] * (width - len(x)) for x, _ in rows])
   labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in rows])
-  return ids, (ids != pad_id) | (labels != -100), labels
+  mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in rows])
+  return ids, mask, labels
 
 
 def peft_run(task: str, gguf: str, files: dict) -> dict:
