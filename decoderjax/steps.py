@@ -65,6 +65,7 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss=0.0, label_smoothin
 
 
 def forward(params, cfg: ModelConfig, batch, rng, deterministic: bool, embed_delta_BTD=None):
+  """Logits [B, T, V] of a batch's rows, or [B, N, V] at its `loss_at` columns when it has them."""
   logits, _ = Decoder(cfg).apply(
     {"params": params},
     batch["inputs"],
@@ -73,6 +74,7 @@ def forward(params, cfg: ModelConfig, batch, rng, deterministic: bool, embed_del
     deterministic=deterministic,
     rngs=None if deterministic else {"dropout": rng},
     embed_delta_BTD=embed_delta_BTD,
+    logits_at_BN=batch.get("loss_at"),
   )
   return logits
 
@@ -91,10 +93,13 @@ def task_loss(logits, batch, loss_cfg: LossConfig, vocab_pad: int = 0):
       batch["example_weights"],
       label_smoothing=loss_cfg.label_smoothing,
     )
+  targets, weights = batch["targets"], batch["weights"]
+  if "loss_at" in batch:  # the logits are those columns' alone (forward)
+    at = batch["loss_at"]
+    targets, weights = (jnp.take_along_axis(x, at, axis=1) for x in (targets, weights))
   return cross_entropy(
-    logits, batch["targets"], batch["weights"], loss_cfg.z_loss, loss_cfg.label_smoothing,
-    vocab_pad,
-  )  # fmt: skip
+    logits, targets, weights, loss_cfg.z_loss, loss_cfg.label_smoothing, vocab_pad
+  )
 
 
 def _per_row_norm(x_BTD):

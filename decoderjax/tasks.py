@@ -394,6 +394,25 @@ def cut_to_bucket(batch: Rows, used: int) -> Rows:
   return {k: v[:, :length] if k in TOKEN_KEYS else v for k, v in batch.items()}
 
 
+def loss_slots(weights_NT: np.ndarray) -> int:
+  """How many columns `loss_at` keeps per row: the bucket of the most weighted tokens any row
+  holds (0: every column, when that bucket is the whole row)."""
+  t = weights_NT.shape[1]
+  n = bucket_length(int((weights_NT > 0).sum(axis=1).max(initial=1)), t)
+  return 0 if n >= t else n
+
+
+def with_loss_at(batch: Rows, n: int) -> Rows:
+  """SFT rows plus `loss_at` [rows, n]: each row's weighted columns first, in order, then
+  unweighted ones (weight 0). The LM head and the loss then run on those n columns alone
+  (steps.forward): a short completion after a long prompt no longer pays the vocabulary
+  matmul at every prompt token. n = 0 leaves the batch as it is."""
+  if not n:
+    return batch
+  at = np.argsort(batch["weights"] <= 0, axis=1, kind="stable")[:, :n]
+  return {**batch, "loss_at": at.astype(np.int32)}
+
+
 def row_lengths(rows: Rows) -> np.ndarray:
   """Tokens in each row."""
   return (rows["segment_ids"] != 0).sum(axis=1)
@@ -457,19 +476,20 @@ class TaskBatches:
     return np.array([self._order(epoch)[k] for epoch, k in picked], dtype=int)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    everyone = self.example_indices(step)  # every host's examples: all cut or pack alike
+    everyone = take_rows(self.data, self.example_indices(step))  # every host cuts or packs alike
     if self.pack:
       per = self.batch_size // self.shards
-      packed = pack_examples(take_rows(self.data, everyone), self.shards, self.capacity, per)
-      rows_per_shard = len(packed["inputs"]) // self.shards
+      rows = pack_examples(everyone, self.shards, self.capacity, per)
+      rows_per_shard = len(rows["inputs"]) // self.shards
       mine = slice(self.rows.start // per * rows_per_shard, self.rows.stop // per * rows_per_shard)
-      batch, global_rows = take_rows(packed, mine), range(len(packed["inputs"]))[mine]
     else:
-      batch = take_rows(self.data, everyone[self.rows])
-      global_rows = range(self.batch_size)[self.rows]
+      rows, mine = everyone, self.rows
       if self.bucket:
-        batch = cut_to_bucket(batch, used_length(self.data["segment_ids"][everyone]))
-    return add_noise(batch, self.noise, self.seed, step, global_rows)
+        rows = cut_to_bucket(rows, used_length(rows["segment_ids"]))
+    if _lm_rows(rows):  # as many loss columns on every host
+      rows = with_loss_at(rows, loss_slots(rows["weights"]))
+    global_rows = range(len(rows["inputs"]))[mine]
+    return add_noise(take_rows(rows, mine), self.noise, self.seed, step, global_rows)
 
   def tokens_seen(self, steps: int) -> dict[str, int]:
     del steps
@@ -525,7 +545,14 @@ def row_batches(rows: Rows, batch_size: int, max_batches: int = 0, bucket=False)
       k: np.concatenate([v[i : i + real], np.zeros((batch_size - real, *v.shape[1:]), v.dtype)])
       for k, v in rows.items()
     }
-    yield cut_to_bucket(batch, used_length(batch["segment_ids"])) if bucket else batch
+    if bucket:
+      batch = cut_to_bucket(batch, used_length(batch["segment_ids"]))
+    yield with_loss_at(batch, loss_slots(batch["weights"])) if _lm_rows(batch) else batch
+
+
+def _lm_rows(rows: Rows) -> bool:
+  """SFT rows (next-token weights), not a classifier's (labels per example)."""
+  return "weights" in rows and "labels" not in rows
 
 
 def load_task_dataset(cfg: DataConfig, tok: Tokenizer, chat_template: str | None) -> TaskDataset:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoderjax import data, experiment, sharding, tasks
+from decoderjax import adapters, data, experiment, sharding, tasks
 from decoderjax import state as state_lib
 from decoderjax.config import get_preset
 from decoderjax.model import Decoder
@@ -17,6 +17,7 @@ from decoderjax.optimizer import OptimizerConfig, make_optimizer, make_schedule
 from decoderjax.steps import (
   LossConfig,
   adversarial_delta,
+  batch_loss,
   cross_entropy,
   eval_step,
   forward,
@@ -101,3 +102,36 @@ def test_packed_classification_equals_each_example_alone():
   assert sorted(seen) == list(range(len(ids)))  # every example once
   np.testing.assert_allclose(a["loss_sum"], b["loss_sum"], rtol=1e-5)
   assert float(a["weight_sum"]) == float(b["weight_sum"]) == len(ids)
+
+
+def test_loss_at_weighted_columns_equals_the_full_head():
+  """SFT batches carry `loss_at` (their weighted columns): the LM head then runs on those alone,
+  and the loss, its weight and the LoRA gradients equal the head over every position's."""
+  cfg = get_preset("tiny-llama", vocab_size=32, max_seq_len=32).replace(dtype="float32")
+  cfg = cfg.replace(lora_rank=4, lora_targets="q,v")
+  rng = np.random.default_rng(0)
+  examples = []
+  for n in rng.integers(6, 16, 6):  # long prompts, completions of 1-4 tokens
+    answer = int(rng.integers(1, 5))
+    mask = [False] * (n - answer) + [True] * answer
+    examples.append((rng.integers(1, 31, int(n)).tolist(), mask))
+  rows = tasks.pack_examples(tasks.sft_rows(examples, 32)[0], 1, 32)
+  n = tasks.loss_slots(rows["weights"])
+  assert 0 < n < rows["inputs"].shape[1]
+  sliced = tasks.with_loss_at(rows, n)
+  for r in range(len(rows["inputs"])):  # the weighted columns first, in order
+    weighted = np.flatnonzero(rows["weights"][r])
+    assert sliced["loss_at"][r, : len(weighted)].tolist() == weighted.tolist()
+  params = nn.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+  params = jax.tree.map(lambda x: x + 0.01, params)  # LoRA B off zero: gradients reach A
+  trainable, frozen = adapters.split_trainable(params, "lora")
+
+  def loss(trainable, batch):
+    return batch_loss(trainable, frozen, cfg, batch, None, LossConfig(), True)
+
+  (full, (w_full, _)), g_full = jax.value_and_grad(loss, has_aux=True)(trainable, rows)
+  (part, (w_part, _)), g_part = jax.value_and_grad(loss, has_aux=True)(trainable, sliced)
+  assert float(w_full) == float(w_part) == rows["weights"].sum()
+  np.testing.assert_allclose(part, full, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_full), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
