@@ -70,18 +70,21 @@ def resolve_impl(cfg: ModelConfig, dropout_active: bool, seq_len: int) -> str:
   return impl
 
 
-def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg: ModelConfig) -> Array:
-  """Pallas splash attention (TPU; interpreted elsewhere, for tests). Causal, by segment."""
+def splash_attention(
+  q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg: ModelConfig, window: int | None
+) -> Array:
+  """Pallas splash attention (TPU; interpreted elsewhere, for tests). Causal, by segment, over
+  the last `window` keys when given."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   b, t, n, h = q_BTNH.shape
   k = k_BTKH.shape[2]
   if t % SPLASH_BLOCK:
     raise ValueError(f"splash attention needs a sequence length divisible by {SPLASH_BLOCK}")
-  if cfg.sliding_window is None:
+  if window is None:
     mask = splash.CausalMask((t, t))
   else:  # window by slot equals window by position: packed documents are contiguous
-    mask = splash.LocalMask((t, t), (cfg.sliding_window - 1, 0), offset=0)
+    mask = splash.LocalMask((t, t), (window - 1, 0), offset=0)
   block = max(d for d in (512, 256, 128) if t % d == 0)
   sizes = dict(block_q=block, block_kv=block, block_kv_compute=block)
   block_sizes = splash.BlockSizes(
@@ -101,7 +104,7 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg: ModelConfig) -
     attn_logits_soft_cap=cfg.attn_logit_softcap,
     interpret=target_platform() != "tpu",
   )
-  q_BKGTH = (q_BTNH * (h**-0.5)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+  q_BKGTH = (q_BTNH * cfg.query_scale).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
   k_BKTH = k_BTKH.transpose(0, 2, 1, 3)
   v_BKTH = v_BTKH.transpose(0, 2, 1, 3)
 
@@ -149,8 +152,10 @@ def xla_attention(
   mask_BTS: Array,
   softcap: float | None = None,
   dropout: callable = None,
+  scale: float | None = None,
 ) -> Array:
-  """Reference grouped-query attention in einsums; softmax in float32.
+  """Reference grouped-query attention in einsums; softmax in float32. Logits are scaled by
+  `scale` (default H ** -0.5).
 
   Self-attention over a whole sequence (T == S >= 4 x CAUSAL_BLOCK_MIN) runs by blocks of
   queries, each over the keys up to its end: the mask is causal by slot, so the skipped scores
@@ -160,7 +165,7 @@ def xla_attention(
   """
   b, t, n, h = q_BTNH.shape
   k = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * (h**-0.5)
+  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * (h**-0.5 if scale is None else scale)
   c = max(CAUSAL_BLOCK_MIN, -(-t // CAUSAL_BLOCKS_MAX))
   if t != k_BSKH.shape[1] or t < 4 * CAUSAL_BLOCK_MIN or dropout is not None:
     out_BTKGH = _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, softcap, dropout)
@@ -224,7 +229,7 @@ def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> 
   (old_k, old_v), (k_BTKH, v_BTKH), (mask_BTS, mask_BTT) = old_kv, new_kv, masks
   dtype = q_BTNH.dtype
   k = k_BTKH.shape[2]
-  q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4) * (h**-0.5)
+  q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4) * cfg.query_scale
   big_neg = jnp.finfo(jnp.float32).min
   f32 = jnp.float32
 
@@ -273,7 +278,11 @@ class Attention(nn.Module):
     mask_BTS: Array,
     kv: tuple[Array, Array] | None = None,
     segment_ids_BT: Array | None = None,
+    sliding: bool | Array | None = None,
   ) -> tuple[Array, tuple[Array, Array] | None]:
+    """`sliding` (a bool, traced under the layer scan): whether this layer slides, in a model
+    whose sliding and global layers alternate; it picks the RoPE base and the splash mask (the
+    masks it is given are its own already)."""
     cfg = self.config
     dtype = dtype_of(cfg.dtype)
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -297,12 +306,16 @@ class Attention(nn.Module):
     q_BTNH = project("q", n, "q_heads")
     k_BTKH = project("k", k, "kv_heads")
     v_BTKH = project("v", k, "kv_heads")
-    if cfg.qk_norm:  # over each head's H dims, one scale shared by the heads
+    if cfg.qk_norm and cfg.qk_norm_scope == "head":  # each head's H dims, one shared scale
       q_BTNH = Norm(cfg, name="q_norm")(q_BTNH)
       k_BTKH = Norm(cfg, name="k_norm")(k_BTKH)
+    elif cfg.qk_norm:  # all heads' N x H dims together, a scale each
+      b, t = x_BTD.shape[:2]
+      q_BTNH = Norm(cfg, name="q_norm")(q_BTNH.reshape(b, t, n * h)).reshape(b, t, n, h)
+      k_BTKH = Norm(cfg, name="k_norm")(k_BTKH.reshape(b, t, k * h)).reshape(b, t, k, h)
     if cfg.position == "rope":
-      q_BTNH = apply_rope(q_BTNH, positions_BT, cfg)
-      k_BTKH = apply_rope(k_BTKH, positions_BT, cfg)
+      q_BTNH = apply_rope(q_BTNH, positions_BT, cfg, sliding)
+      k_BTKH = apply_rope(k_BTKH, positions_BT, cfg, sliding)
     q_BTNH = constrain(q_BTNH, ("activation_batch", "activation_length", "activation_heads", None))
 
     new_kv = None
@@ -318,15 +331,21 @@ class Attention(nn.Module):
     if impl == "cached":  # mask_BTS is (earlier cache slots [B, T, S], new tokens [B, T, T])
       out_BTNH = cached_attention(q_BTNH, kv, (k_BTKH, v_BTKH), mask_BTS, cfg)
     elif impl == "splash":
-      out_BTNH = splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg)
+      run = lambda window: splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg, window)
+      if sliding is None or isinstance(sliding, bool):
+        out_BTNH = run(cfg.sliding_window if sliding in (None, True) else None)
+      else:  # a scanned layer of an alternating model: its kind is known when it runs
+        out_BTNH = jax.lax.cond(sliding, lambda: run(cfg.sliding_window), lambda: run(None))
     elif impl == "xla":
       dropout = None
       if dropout_active:
         dropout = nn.Dropout(cfg.attn_dropout, deterministic=False)
-      out_BTNH = xla_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg.attn_logit_softcap, dropout)
+      out_BTNH = xla_attention(
+        q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg.attn_logit_softcap, dropout, cfg.query_scale
+      )
     else:
       out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None], scale=h**-0.5
+        q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None], scale=cfg.query_scale
       )
 
     out_BTNH = out_BTNH.astype(dtype)

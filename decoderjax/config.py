@@ -11,6 +11,10 @@ QUANTS = ("none", "int8", "int4")
 KV_CACHES = ("auto", "int8")
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm")
+# Where a layer's norms sit around attention and the MLP: "pre" x + f(norm(x)); "post"
+# x + norm(f(x)) (OLMo 2); "both" x + norm(f(norm(x))) (Gemma 2 and 3).
+NORM_PLACEMENTS = ("pre", "post", "both")
+QK_NORM_SCOPES = ("head", "all")  # each head's H dims (Qwen3, Gemma 3), or all N x H (OLMo 2)
 MLPS = ("gelu", "swiglu", "geglu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")
@@ -43,7 +47,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Describes a decoder-only transformer (GPT-2, Llama, Mistral, Qwen2, Gemma families)."""
+  """Describes a decoder-only transformer (GPT-2, Llama, Mistral, Qwen, Gemma, Phi-3 and OLMo 2
+  families)."""
 
   vocab_size: int = 256  # rows of the token tables
   vocab_pad: int = 0  # of which the last are padding (tensor-parallel splits): never predicted
@@ -60,12 +65,19 @@ class ModelConfig:
   norm: str = "rmsnorm"  # one of NORMS
   norm_eps: float = 1e-5
   norm_offset: bool = False  # Gemma: norm weight applied as (1 + w)
+  norm_placement: str = "pre"  # one of NORM_PLACEMENTS
   mlp: str = "swiglu"  # one of MLPS
   use_bias: bool = False  # biases on every projection and LayerNorm (GPT-2)
   qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
   qk_norm: bool = False  # Qwen3: each head's queries and keys normalized (norm) before RoPE
+  qk_norm_scope: str = "head"  # one of QK_NORM_SCOPES: what one norm spans
   tie_embeddings: bool = True  # output head shares the token embedding
   sliding_window: int | None = None  # Mistral: a query sees at most this many keys back
+  # With sliding_window: layer i attends to every earlier key when (i + 1) is a multiple of this
+  # (Gemma 2: 2, Gemma 3: 6), the others slide; 0 slides every layer (Mistral).
+  global_every: int = 0
+  local_rope_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3); None: same
+  attn_scale: float | None = None  # multiplies attention logits; None: head_size ** -0.5
   embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(embed_dim)
   attn_logit_softcap: float | None = None  # Gemma-2: tanh soft-capping of attention logits
   final_logit_softcap: float | None = None  # Gemma-2: tanh soft-capping of output logits
@@ -106,6 +118,8 @@ class ModelConfig:
     for field, allowed in (
       ("position", POSITIONS),
       ("norm", NORMS),
+      ("norm_placement", NORM_PLACEMENTS),
+      ("qk_norm_scope", QK_NORM_SCOPES),
       ("mlp", MLPS),
       ("dtype", DTYPES),
       ("param_dtype", DTYPES),
@@ -130,6 +144,14 @@ class ModelConfig:
       fail("embed_dim", f"sinusoidal positions need an even width, got {self.embed_dim}")
     if self.sliding_window is not None and self.sliding_window <= 0:
       fail("sliding_window", f"must be positive, got {self.sliding_window}")
+    if not isinstance(self.global_every, int) or self.global_every < 0:
+      fail("global_every", f"must be a non-negative integer, got {self.global_every!r}")
+    if self.global_every and self.sliding_window is None:
+      fail("global_every", "alternates sliding and global layers: set sliding_window too")
+    if self.local_rope_theta is not None and not self.global_every:
+      fail("local_rope_theta", "is the sliding layers' RoPE base: set global_every too")
+    if self.attn_scale is not None and self.attn_scale <= 0:
+      fail("attn_scale", f"must be positive, got {self.attn_scale}")
     for field in ("embed_dropout", "attn_dropout", "resid_dropout"):
       if not 0.0 <= getattr(self, field) < 1.0:
         fail(field, f"must be in [0, 1), got {getattr(self, field)}")
@@ -183,6 +205,22 @@ class ModelConfig:
     return self.head_dim or self.embed_dim // self.num_heads
 
   @property
+  def query_scale(self) -> float:
+    """What attention logits are multiplied by."""
+    return self.attn_scale if self.attn_scale is not None else self.head_size**-0.5
+
+  @property
+  def layer_pattern(self) -> bool:
+    """Whether sliding and global layers alternate (Gemma 2 and 3)."""
+    return bool(self.global_every)
+
+  def sliding_layer(self, i: int) -> bool:
+    """Whether layer i's attention slides over the last `sliding_window` keys."""
+    if self.sliding_window is None:
+      return False
+    return not self.global_every or (i + 1) % self.global_every != 0
+
+  @property
   def text_len(self) -> int:
     """Positions a row's tokens can use: the soft prompt takes the first `prompt_tokens`."""
     return self.max_seq_len - self.prompt_tokens
@@ -226,6 +264,10 @@ _GPT2 = dict(
 )
 _LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu")
 _QWEN = dict(**_LLAMA, vocab_size=151936, rope_theta=1_000_000.0, norm_eps=1e-6)
+_GEMMA = dict(  # RMSNorm scaled by 1 + w, embeddings x sqrt(D), GeGLU, heads of 256
+  position="rope", norm="rmsnorm", norm_eps=1e-6, norm_offset=True, mlp="geglu",
+  embed_scale=True, head_dim=256,
+)  # fmt: skip
 _LLAMA31 = dict(  # what Llama-3.1's sizes share
   **_LLAMA,
   vocab_size=128256,
@@ -333,21 +375,72 @@ PRESETS: dict[str, ModelConfig] = {
     tie_embeddings=False,
   ),
   "gemma-2b": ModelConfig(
+    **_GEMMA,
     vocab_size=256000,
     max_seq_len=8192,
     num_layers=18,
     num_heads=8,
     num_kv_heads=1,
-    head_dim=256,
     embed_dim=2048,
     mlp_dim=16384,
-    position="rope",
-    norm="rmsnorm",
+  ),  # fmt: skip
+  "gemma-2-2b": ModelConfig(
+    **_GEMMA,
+    vocab_size=256000,
+    max_seq_len=8192,
+    num_layers=26,
+    num_heads=8,
+    num_kv_heads=4,
+    embed_dim=2304,
+    mlp_dim=9216,
+    norm_placement="both",
+    sliding_window=4096,
+    global_every=2,
+    attn_logit_softcap=50.0,
+    final_logit_softcap=30.0,
+  ),  # fmt: skip
+  "gemma-3-1b": ModelConfig(
+    **_GEMMA,
+    vocab_size=262144,
+    max_seq_len=32768,
+    num_layers=26,
+    num_heads=4,
+    num_kv_heads=1,
+    embed_dim=1152,
+    mlp_dim=6912,
+    norm_placement="both",
+    qk_norm=True,
+    sliding_window=512,
+    global_every=6,
+    rope_theta=1_000_000.0,
+    local_rope_theta=10_000.0,
+  ),  # fmt: skip
+  "phi-3-mini": ModelConfig(  # Phi-3-mini-4k: Llama-shaped (its q/k/v and gate/up come fused)
+    **_LLAMA,
+    vocab_size=32064,
+    max_seq_len=4096,
+    num_layers=32,
+    num_heads=32,
+    embed_dim=3072,
+    mlp_dim=8192,
+    sliding_window=2047,
+    tie_embeddings=False,
+  ),  # fmt: skip
+  "olmo-2-1b": ModelConfig(  # norms after attention and the MLP; q/k norms over all heads
+    **_LLAMA,
+    vocab_size=100352,
+    max_seq_len=4096,
+    num_layers=16,
+    num_heads=16,
+    embed_dim=2048,
+    mlp_dim=8192,
+    rope_theta=500_000.0,
     norm_eps=1e-6,
-    norm_offset=True,
-    mlp="geglu",
-    embed_scale=True,
-  ),
+    norm_placement="post",
+    qk_norm=True,
+    qk_norm_scope="all",
+    tie_embeddings=False,
+  ),  # fmt: skip
 }
 
 

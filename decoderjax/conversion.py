@@ -87,7 +87,9 @@ def convert_hf(source: str, output: str, dtype: str = "float32", tokenizer: str 
   bar = _LayerBar(source)
   params = hf.params_from_hf(reader, cfg, hf_config["model_type"], jax.numpy.dtype(dtype), bar)
   bar.close()
-  write_model_dir(source, output, cfg, params, tok, generation_defaults(source, tokenizer))
+  generation = generation_defaults(source, tokenizer)
+  extra = {"hf_architecture": hf_config["model_type"]}
+  write_model_dir(source, output, cfg, params, tok, generation, extra)
 
 
 def convert_gguf(source: str, output: str, dtype: str = "float32") -> None:
@@ -121,13 +123,13 @@ def unpad_vocab(cfg, params):
   return cfg.replace(vocab_size=v, vocab_pad=0), params
 
 
-def write_model_dir(source, output, cfg, params, tokenizer, generation) -> None:
+def write_model_dir(source, output, cfg, params, tokenizer, generation, extra=None) -> None:
   """Checks shapes against the config, pads the vocabulary, then writes via a temporary folder
-  and a rename."""
+  and a rename (`extra`: more config.json entries)."""
   modeldir.check_shapes(params, modeldir.abstract_params(cfg), source)
   cfg, params = pad_vocab(cfg, params)
   with modeldir.staged(output) as staging:
-    modeldir.save_model_dir(staging, cfg, params, tokenizer, generation)
+    modeldir.save_model_dir(staging, cfg, params, tokenizer, generation, extra)
 
 
 def export_hf(source: str, output: str) -> None:
@@ -149,7 +151,7 @@ def export_hf(source: str, output: str) -> None:
       f"{source}: a {tok.kind!r} tokenizer has no Hugging Face form (hf, sentencepiece)"
     )
   cfg, params = unpad_vocab(cfg, jax.tree.map(np.asarray, model.params))
-  config = hf.config_to_hf(cfg)
+  config = hf.config_to_hf(cfg, prefer=model.metadata.get("hf_architecture"))
   config.update(torch_dtype="float32", eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
   tensors = hf.params_to_hf(params, cfg, config["model_type"])
   with modeldir.staged(output) as staging:

@@ -18,6 +18,8 @@ _OPTIONAL_TYPES = {
   "num_kv_heads": int,
   "head_dim": int,
   "sliding_window": int,
+  "local_rope_theta": float,
+  "attn_scale": float,
   "attn_logit_softcap": float,
   "final_logit_softcap": float,
 }

@@ -16,8 +16,20 @@ import numpy as np
 
 from decoderjax.config import ModelConfig, RopeScaling
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+LLAMA_LIKE = (
+  "llama",
+  "mistral",
+  "qwen2",
+  "qwen3",
+  "gemma",
+  "gemma2",
+  "gemma3_text",
+  "olmo2",
+  "phi3",
+)
+GEMMAS = ("gemma", "gemma2", "gemma3_text")  # RMSNorm scaled by 1 + w, embeddings x sqrt(D), GeGLU
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # GELU, tanh approximation
+ROPE_TYPES = ("default", "llama3")
 
 
 def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
@@ -38,57 +50,105 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
       use_bias=True,
       tie_embeddings=True,
     )
-  if arch in LLAMA_LIKE:
-    gemma = arch == "gemma"  # RMSNorm scaled by 1 + w, embeddings x sqrt(D), GeGLU, tied head
-    act = (hf.get("hidden_activation") or hf.get("hidden_act") or "silu") if gemma else None
-    if gemma and act not in GEMMA_ACTIVATIONS:
-      raise ValueError(f"{path}: Gemma activation {act!r} is not supported {GEMMA_ACTIVATIONS}")
-    if not gemma and hf.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
-    # transformers >= 5 writes `rope_parameters` (theta included); older ones `rope_scaling`.
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10_000.0))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None
-    if kind not in ("default", "llama3"):
-      raise ValueError(f"{path}: RoPE type {kind!r} is not supported (default, llama3)")
-    if kind == "llama3":
-      scaling = RopeScaling(
-        factor=rope["factor"],
-        low_freq_factor=rope["low_freq_factor"],
-        high_freq_factor=rope["high_freq_factor"],
-        original_max_position=rope["original_max_position_embeddings"],
-      )
-    window = hf.get("sliding_window")
-    if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-      window = None
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    return ModelConfig(
-      vocab_size=hf["vocab_size"],
-      max_seq_len=hf.get("max_position_embeddings", 4096),
-      num_layers=hf["num_hidden_layers"],
-      num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=None if head_dim * heads == hf["hidden_size"] else head_dim,
-      embed_dim=hf["hidden_size"],
-      mlp_dim=hf["intermediate_size"],
-      position="rope",
-      rope_theta=float(theta),
-      rope_scaling=scaling,
-      norm="rmsnorm",
-      norm_eps=hf.get("rms_norm_eps", 1e-6),
-      norm_offset=gemma,
-      mlp="geglu" if gemma else "swiglu",
-      embed_scale=gemma,
-      qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-      qk_norm=arch == "qwen3",
-      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-      sliding_window=window,
+  if arch not in LLAMA_LIKE:
+    raise ValueError(
+      f"{path}: unknown architecture model_type={arch!r} (gpt2, {', '.join(LLAMA_LIKE)})"
     )
-  raise ValueError(
-    f"{path}: unknown architecture model_type={arch!r} (gpt2, {', '.join(LLAMA_LIKE)})"
+  gemma = arch in GEMMAS
+  act = (hf.get("hidden_activation") or hf.get("hidden_act") or "silu") if gemma else None
+  if gemma and act not in GEMMA_ACTIVATIONS:
+    raise ValueError(f"{path}: Gemma activation {act!r} is not supported {GEMMA_ACTIVATIONS}")
+  if not gemma and hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+  heads = hf["num_attention_heads"]
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+  theta, scaling, local_theta = _rope(hf, arch, path)
+  window, every = _windows(hf, arch, path)
+  placement = {"gemma2": "both", "gemma3_text": "both", "olmo2": "post"}.get(arch, "pre")
+  scalar = hf.get("query_pre_attn_scalar") if arch in ("gemma2", "gemma3_text") else None
+  return ModelConfig(
+    vocab_size=hf["vocab_size"],
+    max_seq_len=hf.get("max_position_embeddings", 4096),
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=None if head_dim * heads == hf["hidden_size"] else head_dim,
+    embed_dim=hf["hidden_size"],
+    mlp_dim=hf["intermediate_size"],
+    position="rope",
+    rope_theta=float(theta),
+    rope_scaling=scaling,
+    norm="rmsnorm",
+    norm_eps=hf.get("rms_norm_eps", 1e-6),
+    norm_offset=gemma,
+    norm_placement=placement,
+    mlp="geglu" if gemma else "swiglu",
+    embed_scale=gemma,
+    qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+    qk_norm=arch in ("qwen3", "gemma3_text", "olmo2"),
+    qk_norm_scope="all" if arch == "olmo2" else "head",
+    tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+    sliding_window=window,
+    global_every=every,
+    local_rope_theta=local_theta if every and arch == "gemma3_text" else None,
+    attn_scale=None if scalar is None or scalar == head_dim else float(scalar) ** -0.5,
+    attn_logit_softcap=hf.get("attn_logit_softcapping") if gemma else None,
+    final_logit_softcap=hf.get("final_logit_softcapping") if arch != "gemma" else None,
   )
+
+
+def _rope(hf: dict, arch: str, path: str) -> tuple[float, RopeScaling | None, float | None]:
+  """(RoPE base, its scaling, the sliding layers' base) of a config.json. transformers >= 5
+  writes `rope_parameters` (per layer type for Gemma 3), older ones `rope_theta` and
+  `rope_scaling` (and Gemma 3's `rope_local_base_freq`)."""
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  local = {}
+  if "full_attention" in rope:
+    rope, local = rope["full_attention"], rope.get("sliding_attention") or {}
+  default_theta = 1_000_000.0 if arch == "gemma3_text" else 10_000.0
+  theta = hf.get("rope_theta", rope.get("rope_theta", default_theta))
+  local_theta = hf.get("rope_local_base_freq", local.get("rope_theta", 10_000.0))
+  if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+    raise ValueError(f"{path}: partial rotary embeddings are not supported (all head dims rotate)")
+  for part in (rope, local):
+    kind = part.get("rope_type", part.get("type", "default"))
+    if kind not in ROPE_TYPES:
+      raise ValueError(f"{path}: RoPE type {kind!r} is not supported {ROPE_TYPES}")
+  if rope.get("rope_type", rope.get("type")) != "llama3":
+    return theta, None, local_theta
+  scaling = RopeScaling(
+    factor=rope["factor"],
+    low_freq_factor=rope["low_freq_factor"],
+    high_freq_factor=rope["high_freq_factor"],
+    original_max_position=rope["original_max_position_embeddings"],
+  )
+  return theta, scaling, local_theta
+
+
+def _windows(hf: dict, arch: str, path: str) -> tuple[int | None, int]:
+  """(sliding_window, global_every) of a config.json: Gemma 2 and 3 alternate sliding and
+  global layers as `layer_types` lists (every `global_every`-th layer global)."""
+  window = hf.get("sliding_window")
+  if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    return None, 0
+  if arch not in ("gemma2", "gemma3_text") or window is None:
+    return window, 0
+  n = hf["num_hidden_layers"]
+  every = 2 if arch == "gemma2" else hf.get("sliding_window_pattern", 6)
+  kinds = hf.get("layer_types") or [
+    "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)
+  ]
+  if "sliding_attention" not in kinds:
+    return None, 0
+  full = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+  every = full[0] + 1 if full else 0
+  expected = ["sliding_attention" if not every or (i + 1) % every else "full_attention"
+              for i in range(n)]  # fmt: skip
+  if list(kinds) != expected:
+    raise ValueError(
+      f"{path}: layer_types {kinds} is not a supported pattern (every k-th layer global)"
+    )
+  return window, every
 
 
 class SafetensorsReader:
@@ -184,7 +244,7 @@ class Tensor(NamedTuple):
   hf: str  # the Hugging Face name (a layer's after its "model.layers.{i}." prefix)
   layout: str  # how HF stores it, one of _LAYOUTS
   gguf: str = ""  # llama.cpp's name for it, where GGUF files have it
-  only_if: str = ""  # "qkv_bias", "qk_norm" or "untied": absent from models without that
+  only_if: str = ""  # a key of _present: absent from models without that
 
 
 _T = Tensor
@@ -194,7 +254,7 @@ LLAMA_GLOBAL = (
   _T(("head",), "lm_head.weight", "linear", "output.weight", only_if="untied"),
 )
 LLAMA_LAYER = (
-  _T(("attn_norm/scale",), "input_layernorm.weight", "same", "attn_norm.weight"),
+  _T(("attn_norm/scale",), "input_layernorm.weight", "same", "attn_norm.weight", "pre_norms"),
   _T(("attn/q",), "self_attn.q_proj.weight", "heads_in", "attn_q.weight"),
   _T(("attn/k",), "self_attn.k_proj.weight", "heads_in", "attn_k.weight"),
   _T(("attn/v",), "self_attn.v_proj.weight", "heads_in", "attn_v.weight"),
@@ -204,11 +264,24 @@ LLAMA_LAYER = (
   _T(("attn/v_bias",), "self_attn.v_proj.bias", "head_bias", only_if="qkv_bias"),
   _T(("attn/q_norm/scale",), "self_attn.q_norm.weight", "same", only_if="qk_norm"),
   _T(("attn/k_norm/scale",), "self_attn.k_norm.weight", "same", only_if="qk_norm"),
-  _T(("mlp_norm/scale",), "post_attention_layernorm.weight", "same", "ffn_norm.weight"),
+  # Where the norms sit (norm_placement) decides which HF name each has.
+  _T(("mlp_norm/scale",), "post_attention_layernorm.weight", "same", "ffn_norm.weight", "pre"),
+  _T(("attn_post_norm/scale",), "post_attention_layernorm.weight", "same", only_if="post_norms"),
+  _T(("mlp_norm/scale",), "pre_feedforward_layernorm.weight", "same", only_if="both"),
+  _T(("mlp_post_norm/scale",), "post_feedforward_layernorm.weight", "same", only_if="post_norms"),
   _T(("mlp/gate",), "mlp.gate_proj.weight", "linear", "ffn_gate.weight"),
   _T(("mlp/up",), "mlp.up_proj.weight", "linear", "ffn_up.weight"),
   _T(("mlp/down",), "mlp.down_proj.weight", "linear", "ffn_down.weight"),
 )
+PHI3_FUSED = {  # Phi-3 stores q, k, v as one matrix, and gate and up as another
+  "self_attn.q_proj.weight": _T(("attn/q", "attn/k", "attn/v"), "self_attn.qkv_proj.weight",
+                                "fused_qkv"),
+  "mlp.up_proj.weight": _T(("mlp/gate", "mlp/up"), "mlp.gate_up_proj.weight", "fused_linear"),
+}  # fmt: skip
+PHI3_LAYER = tuple(
+  PHI3_FUSED.get(t.hf, t) for t in LLAMA_LAYER
+  if t.hf not in ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate_proj.weight")
+)  # fmt: skip
 GPT2_GLOBAL = (  # HF names after an optional "transformer." (always written)
   _T(("embedding",), "wte.weight", "same"),
   _T(("position_embedding",), "wpe.weight", "same"),
@@ -238,6 +311,8 @@ _LAYOUTS = (
   "heads_out_in_out",  # Conv1D [N * H, D] -> [N, H, D]
   "fused_heads_in",  # Conv1D [D, 3 * N * H] -> q, k, v [D, N, H]
   "fused_head_bias",  # [3 * N * H] -> q, k, v biases [N, H]
+  "fused_qkv",  # nn.Linear [(N + 2K) * H, D] -> q [D, N, H], k and v [D, K, H]
+  "fused_linear",  # nn.Linear [2F, D] -> two [D, F] (gate, up)
 )
 
 
@@ -245,17 +320,21 @@ def _tables(arch: str):
   """(global tensors, per-layer tensors, the layer prefix) of an architecture."""
   if arch == "gpt2":
     return GPT2_GLOBAL, GPT2_LAYER, "h.{i}."
-  return LLAMA_GLOBAL, LLAMA_LAYER, "model.layers.{i}."
+  return LLAMA_GLOBAL, PHI3_LAYER if arch == "phi3" else LLAMA_LAYER, "model.layers.{i}."
 
 
 def _present(t: Tensor, cfg: ModelConfig) -> bool:
+  placement = cfg.norm_placement
   present = {"": True, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm}
   present["untied"] = not cfg.tie_embeddings
+  present.update(pre_norms=placement in ("pre", "both"), pre=placement == "pre")
+  present.update(post_norms=placement in ("post", "both"), both=placement == "both")
   return present[t.only_if]
 
 
 def _to_ours(layout: str, x: np.ndarray, cfg: ModelConfig) -> list[np.ndarray]:
   d, h = cfg.embed_dim, cfg.head_size
+  qkv_split = (cfg.num_heads * h, (cfg.num_heads + cfg.kv_heads) * h)
   return {
     "same": lambda: [x],
     "linear": lambda: [x.T],
@@ -265,6 +344,8 @@ def _to_ours(layout: str, x: np.ndarray, cfg: ModelConfig) -> list[np.ndarray]:
     "heads_out_in_out": lambda: [x.reshape(-1, h, d)],
     "fused_heads_in": lambda: [w.reshape(d, -1, h) for w in np.split(x, 3, axis=1)],
     "fused_head_bias": lambda: [b.reshape(-1, h) for b in np.split(x, 3)],
+    "fused_qkv": lambda: [w.T.reshape(d, -1, h) for w in np.split(x, qkv_split)],
+    "fused_linear": lambda: [w.T for w in np.split(x, 2)],
   }[layout]()
 
 
@@ -279,6 +360,8 @@ def _to_hf(layout: str, xs: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
     "heads_out_in_out": lambda: x.reshape(-1, d),
     "fused_heads_in": lambda: np.concatenate([w.reshape(d, -1) for w in xs], axis=1),
     "fused_head_bias": lambda: np.concatenate([b.reshape(-1) for b in xs]),
+    "fused_qkv": lambda: np.concatenate([w.reshape(d, -1).T for w in xs]),
+    "fused_linear": lambda: np.concatenate([w.T for w in xs]),
   }[layout]()
 
 
@@ -354,8 +437,9 @@ def _cast(tree, dtype):
   return np.asarray(tree).astype(dtype, copy=False)
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-  """A Hugging Face config.json for our config (GPT-2 or Llama / Mistral / Qwen2 shapes)."""
+def config_to_hf(cfg: ModelConfig, prefer: str | None = None) -> dict:
+  """A Hugging Face config.json for our config: GPT-2, or of the Llama-shaped architectures
+  (`prefer`: the model_type it was converted from, where that fits)."""
   gpt2_like = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
   if gpt2_like and cfg.use_bias and cfg.tie_embeddings:
     return {
@@ -371,26 +455,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       "layer_norm_epsilon": cfg.norm_eps,
       "tie_word_embeddings": True,
     }
-  gemma = (cfg.mlp, cfg.norm_offset, cfg.embed_scale) == ("geglu", True, True)
-  llama_like = (cfg.position, cfg.norm, cfg.mlp) == (
-    "rope",
-    "rmsnorm",
-    "geglu" if gemma else "swiglu",
-  )
-  unsupported = [f for f in ("norm_offset", "embed_scale") if getattr(cfg, f) and not gemma]
-  unsupported += [f for f in ("use_bias",) if getattr(cfg, f)]
-  unsupported += [f for f in ("sliding_window", "qk_norm") if gemma and getattr(cfg, f)]
-  unsupported += [f for f in ("attn_logit_softcap", "final_logit_softcap") if getattr(cfg, f)]
-  if not llama_like or unsupported:
-    raise ValueError(
-      f"no Hugging Face architecture for this config (position={cfg.position}, norm={cfg.norm}, "
-      f"mlp={cfg.mlp}, {unsupported or 'ok'})"
-    )
-  arch = "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
-  arch = "gemma" if gemma else "qwen3" if cfg.qk_norm else arch
+  arch = _hf_architecture(cfg, prefer)
+  gemma = arch in GEMMAS
   names = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "gemma": "GemmaForCausalLM"}  # fmt: skip
+           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM",
+           "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+           "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM"}  # fmt: skip
   out = {
     "architectures": [names[arch]],
     "model_type": arch,
@@ -407,13 +477,28 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     "rope_theta": cfg.rope_theta,
     "tie_word_embeddings": cfg.tie_embeddings,
     "sliding_window": cfg.sliding_window,
+    "pad_token_id": None,  # not recorded here; the class defaults (Phi-3's 32000) may not exist
   }
   if arch in ("qwen2", "qwen3") and cfg.sliding_window:
     out["use_sliding_window"] = True
-  if arch == "qwen3":
+  if arch in ("qwen3", "olmo2", *GEMMAS):
     out["attention_bias"] = cfg.qkv_bias
   if gemma:
-    out.update(hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.qkv_bias)
+    out["hidden_activation"] = "gelu_pytorch_tanh"
+  if arch in ("gemma2", "gemma3_text"):
+    scalar = cfg.query_scale**-2
+    out.update(
+      query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
+      attn_logit_softcapping=cfg.attn_logit_softcap,
+      final_logit_softcapping=cfg.final_logit_softcap,
+      layer_types=[
+        "sliding_attention" if cfg.sliding_layer(i) else "full_attention"
+        for i in range(cfg.num_layers)
+      ],
+    )
+  if arch == "gemma3_text":
+    out["rope_local_base_freq"] = cfg.local_rope_theta or cfg.rope_theta
+    out["sliding_window_pattern"] = cfg.global_every or cfg.num_layers + 1
   if cfg.rope_scaling is not None:
     s = cfg.rope_scaling
     out["rope_scaling"] = {
@@ -422,6 +507,43 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       s.original_max_position,
     }  # fmt: skip
   return out
+
+
+def _hf_architecture(cfg: ModelConfig, prefer: str | None) -> str:
+  """The Hugging Face model_type that computes what `cfg` does (`prefer`, the one a checkpoint
+  was converted from, where it fits: Phi-3 is Llama-shaped), or an error naming what none has."""
+  gemma = (cfg.mlp, cfg.norm_offset, cfg.embed_scale) == ("geglu", True, True)
+  if gemma:
+    arch = {"pre": "gemma", "both": "gemma3_text" if cfg.qk_norm else "gemma2"}.get(
+      cfg.norm_placement, "none"
+    )
+  elif cfg.norm_placement == "post":
+    arch = "olmo2"
+  else:
+    arch = "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+    arch = "qwen3" if cfg.qk_norm else arch
+    if prefer == "phi3" and arch in ("llama", "mistral"):
+      arch = "phi3"
+  allowed = {  # the options each architecture has, beyond the Llama shape
+    "gemma": (), "gemma2": ("sliding_window", "global_every", "attn_scale", "attn_logit_softcap",
+                            "final_logit_softcap"),
+    "olmo2": ("qk_norm", "qk_norm_scope"), "qwen3": ("qk_norm", "sliding_window"),
+    "qwen2": ("sliding_window",), "mistral": ("sliding_window",), "phi3": ("sliding_window",),
+  }  # fmt: skip
+  allowed["gemma3_text"] = (*allowed["gemma2"], "qk_norm", "local_rope_theta")
+  options = ("sliding_window", "global_every", "attn_scale", "attn_logit_softcap",
+             "final_logit_softcap", "qk_norm", "local_rope_theta", "use_bias")  # fmt: skip
+  unsupported = [f for f in options if getattr(cfg, f) and f not in allowed.get(arch, ())]
+  if cfg.qk_norm_scope != ("all" if arch == "olmo2" else "head"):
+    unsupported.append(f"qk_norm_scope={cfg.qk_norm_scope}")
+  unsupported += [f for f in ("norm_offset", "embed_scale") if getattr(cfg, f) and not gemma]
+  shape = (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "geglu" if gemma else "swiglu")
+  if not shape or arch == "none" or unsupported:
+    raise ValueError(
+      f"no Hugging Face architecture for this config (position={cfg.position}, norm={cfg.norm}, "
+      f"mlp={cfg.mlp}, norm_placement={cfg.norm_placement}, {unsupported or 'ok'})"
+    )
+  return arch
 
 
 def params_to_hf(params: dict, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:

@@ -225,9 +225,20 @@ def rope_frequencies(cfg: ModelConfig) -> Array:
   return jnp.where(medium, blended, scaled)
 
 
-def apply_rope(x_BTNH: Array, positions_BT: Array, cfg: ModelConfig) -> Array:
-  """Rotates pairs (i, i + H/2) of each head by position-dependent angles (HF layout)."""
-  angles_BTh = positions_BT[..., None].astype(jnp.float32) * rope_frequencies(cfg)[None, None]
+def layer_rope_frequencies(cfg: ModelConfig, sliding=None) -> Array:
+  """A layer's RoPE frequencies: the sliding layers of a model with `local_rope_theta` rotate
+  at that base, unscaled (Gemma 3); `sliding` may be traced (the layer scan)."""
+  if sliding is None or cfg.local_rope_theta is None:
+    return rope_frequencies(cfg)
+  local = rope_frequencies(cfg.replace(rope_theta=cfg.local_rope_theta, rope_scaling=None))
+  return jnp.where(sliding, local, rope_frequencies(cfg))
+
+
+def apply_rope(x_BTNH: Array, positions_BT: Array, cfg: ModelConfig, sliding=None) -> Array:
+  """Rotates pairs (i, i + H/2) of each head by position-dependent angles (HF layout), at the
+  frequencies of the layer (`sliding`: layer_rope_frequencies)."""
+  inv_freq_h = layer_rope_frequencies(cfg, sliding)
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h[None, None]
   sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
   x = x_BTNH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)

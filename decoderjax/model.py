@@ -60,24 +60,45 @@ def positions_from_segments(segment_ids_BT: Array) -> Array:
   return t[None, :] - first_BT
 
 
+def layer_masks(masks, sliding):
+  """A layer's attention masks. A model whose sliding and global layers alternate builds both
+  (global, sliding) and each layer takes its own: by `sliding`, a bool, or a traced one under
+  the layer scan. None: the model's only masks (or none: the splash kernel masks itself)."""
+  if sliding is None or masks is None:
+    return masks
+  global_masks, sliding_masks = masks
+  if isinstance(sliding, bool):
+    return sliding_masks if sliding else global_masks
+  return jax.tree.map(lambda g, s: jnp.where(sliding, s, g), global_masks, sliding_masks)
+
+
 class Block(nn.Module):
-  """Pre-norm transformer layer: x + Attn(Norm(x)), then x + Mlp(Norm(x))."""
+  """A transformer layer: attention, then the MLP, each added to the residual stream with its
+  norms placed as `norm_placement` says (pre: x + f(Norm(x)); post: x + Norm(f(x)); both)."""
 
   config: ModelConfig
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, segment_ids_BT=None):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, segment_ids_BT=None, sliding=None):
     cfg = self.config
+    pre, post = cfg.norm_placement in ("pre", "both"), cfg.norm_placement in ("post", "both")
+
+    def residual(name, f, x_BTD):
+      h_BTD, extra = f(Norm(cfg, name=f"{name}_norm")(x_BTD) if pre else x_BTD)
+      if post:
+        h_BTD = Norm(cfg, name=f"{name}_post_norm")(h_BTD)
+      return x_BTD + nn.Dropout(cfg.resid_dropout)(h_BTD, self.deterministic), extra
+
     with jax.named_scope("attention"):
-      h_BTD = Norm(cfg, name="attn_norm")(x_BTD)
-      h_BTD, new_kv = Attention(cfg, self.deterministic, name="attn")(
-        h_BTD, positions_BT, mask_BTS, kv, segment_ids_BT
+      attn = Attention(cfg, self.deterministic, name="attn")
+      mask_BTS = layer_masks(mask_BTS, sliding)
+      x_BTD, new_kv = residual(
+        "attn", lambda h: attn(h, positions_BT, mask_BTS, kv, segment_ids_BT, sliding), x_BTD
       )
-      x_BTD += nn.Dropout(cfg.resid_dropout)(h_BTD, deterministic=self.deterministic)
     with jax.named_scope("mlp"):
-      h_BTD = Mlp(cfg, self.deterministic, name="mlp")(Norm(cfg, name="mlp_norm")(x_BTD))
-      x_BTD += nn.Dropout(cfg.resid_dropout)(h_BTD, deterministic=self.deterministic)
+      mlp = Mlp(cfg, self.deterministic, name="mlp")
+      x_BTD, _ = residual("mlp", lambda h: (mlp(h), None), x_BTD)
     x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
     return x_BTD, new_kv
 
@@ -211,34 +232,34 @@ class Decoder(nn.Module):
     dropout_active = cfg.attn_dropout > 0 and not deterministic
     if cache is None and not p and resolve_impl(cfg, dropout_active, len(q_slot_T)) == "splash":
       return None, None
-    if cache is None:
-      mask_BTS = attention_mask(
-        segment_ids_BT,
-        positions_BT,
-        q_slot_T,
-        segment_ids_BT,
-        positions_BT,
-        q_slot_T,
-        cfg.sliding_window,
-      )
-      if prepend:  # every packed document sees the soft prompt (causally, as prompt slots do)
-        prompt_S = (q_slot_T < p)[None, None, :]
-        mask_BTS |= (q_slot_T[None, :, None] >= q_slot_T[None, None, :]) & prompt_S
-      return mask_BTS, None
-    # attend to the cache's earlier slots and to the new tokens; written after the layers
-    args = (segment_ids_BT, positions_BT, _slots(cache.index, len(q_slot_T)))
-    old_BTS = None  # the first call of a sequence: the cache holds nothing to attend to
-    if not start:
-      old_BTS = attention_mask(
-        *args, cache.segment, cache.position, jnp.arange(cache.length), cfg.sliding_window
-      )
-    new_BTT = attention_mask(*args, *args, cfg.sliding_window)
-    if cache.per_layer == cfg.scan_layers:
+    if cache is not None and cache.per_layer == cfg.scan_layers:
       raise ValueError(
         f"a {'per-layer' if cache.per_layer else 'stacked'} KVCache for a model with "
         f"scan_layers={cfg.scan_layers}: build the cache with init_cache of the same config"
       )
-    return (old_BTS, new_BTT), cache.layers
+
+    def build(window):
+      if cache is None:
+        args = (segment_ids_BT, positions_BT, q_slot_T)
+        mask_BTS = attention_mask(*args, *args, window)
+        if prepend:  # every packed document sees the soft prompt (causally, as prompt slots do)
+          prompt_S = (q_slot_T < p)[None, None, :]
+          mask_BTS |= (q_slot_T[None, :, None] >= q_slot_T[None, None, :]) & prompt_S
+        return mask_BTS
+      # attend to the cache's earlier slots and to the new tokens; written after the layers
+      args = (segment_ids_BT, positions_BT, _slots(cache.index, len(q_slot_T)))
+      old_BTS = None  # the first call of a sequence: the cache holds nothing to attend to
+      if not start:
+        old_BTS = attention_mask(
+          *args, cache.segment, cache.position, jnp.arange(cache.length), window
+        )
+      return old_BTS, attention_mask(*args, *args, window)
+
+    # alternating layers: both kinds of masks, each layer picks its own (layer_masks)
+    masks = (
+      (build(None), build(cfg.sliding_window)) if cfg.layer_pattern else build(cfg.sliding_window)
+    )
+    return masks, None if cache is None else cache.layers
 
   def run_layers(self, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, deterministic):
     """The layers, scanned, switched (cached CPU inference of a per-layer model) or unrolled.
@@ -247,17 +268,19 @@ class Decoder(nn.Module):
     block = Block
     if cfg.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    sliding = [cfg.sliding_layer(i) if cfg.layer_pattern else None for i in range(cfg.num_layers)]
     if cfg.scan_layers:
       stack = nn.scan(
         block,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
+      sliding_L = jnp.asarray(sliding) if cfg.layer_pattern else None
       return stack(cfg, deterministic, name="layers")(
-        x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT
+        x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding_L
       )
     if (
       kv is not None
@@ -271,7 +294,7 @@ class Decoder(nn.Module):
     for i in range(cfg.num_layers):
       layer_kv = None if kv is None else kv[i]
       x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(
-        x_BTD, positions_BT, mask_BTS, layer_kv, segment_ids_BT
+        x_BTD, positions_BT, mask_BTS, layer_kv, segment_ids_BT, sliding[i]
       )
       new_layers.append(layer_kv)
     return x_BTD, None if kv is None else jax.tree.map(lambda *z: jnp.stack(z), *new_layers)
@@ -309,10 +332,13 @@ class Decoder(nn.Module):
     return constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _inference_block(cfg, params, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT):
-  """One layer's inference call, jitted so that L calls with equal shapes trace it once."""
-  return Block(cfg).apply({"params": params}, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT)
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _inference_block(cfg, params, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding):
+  """One layer's inference call, jitted so that L calls with equal shapes trace it once (twice
+  when sliding and global layers alternate)."""
+  return Block(cfg).apply(
+    {"params": params}, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding
+  )
 
 
 def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT):
@@ -322,7 +348,10 @@ def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_
   values stacked over L)."""
 
   def run(i, layers, x_BTD, kv):
-    return _inference_block(cfg, layers[i], x_BTD, positions_BT, mask_BTS, kv[i], segment_ids_BT)
+    sliding = cfg.sliding_layer(i) if cfg.layer_pattern else None
+    return _inference_block(
+      cfg, layers[i], x_BTD, positions_BT, mask_BTS, kv[i], segment_ids_BT, sliding
+    )
 
   branches = [functools.partial(run, i) for i in range(cfg.num_layers)]
   new = jax.eval_shape(branches[0], layers, x_BTD, kv)[1]

@@ -123,9 +123,9 @@ def save_params(directory: str, params) -> None:
     ckptr.save(path, args=ocp.args.PyTreeSave(params, save_args=chunks))
 
 
-def save_model_dir(directory, cfg, params, tokenizer, generation=None) -> None:
-  """Writes a complete, exported model directory."""
-  write_metadata(directory, cfg, tokenizer, generation)
+def save_model_dir(directory, cfg, params, tokenizer, generation=None, extra=None) -> None:
+  """Writes a complete, exported model directory (`extra`: more config.json entries)."""
+  write_metadata(directory, cfg, tokenizer, generation, extra)
   save_params(directory, params)
 
 
@@ -147,6 +147,7 @@ KEPT_EXTRAS = (
   "seq_len",
   "trained_len",
   "data_fields",
+  "hf_architecture",  # the Hugging Face model_type converted from (convert --to=hf writes it)
 )  # config.json entries a standalone copy keeps
 
 

@@ -78,6 +78,8 @@ def write_run_metadata(exp: Experiment, workdir: str, dataset: data_lib.Dataset)
       "trained_len": trained_length(exp),  # generation's default window
       "data_fields": {f: getattr(exp.data, f) for f in DATA_FIELDS} if dataset.task != "lm" else {},
     }
+    if exp.init_from:  # the architecture its checkpoint came as, for convert --to=hf
+      extra["hf_architecture"] = modeldir.read_metadata(exp.init_from).get("hf_architecture")
     if exp.finetune.method != "full":  # the workdir holds the adapters; the base stays put
       extra.update(base=os.path.abspath(exp.init_from), method=exp.finetune.method)
     generation = modeldir.read_generation(exp.init_from) if exp.init_from else None

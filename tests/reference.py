@@ -22,11 +22,11 @@ def _gelu(x):
   return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _rope(x, pos, cfg):  # x [H] for one head at one position
+def _rope(x, pos, theta):  # x [H] for one head at one position
   h = x.shape[-1]
   out = np.empty_like(x)
   for i in range(h // 2):
-    freq = cfg.rope_theta ** (-2 * i / h)
+    freq = theta ** (-2 * i / h)
     a = pos * freq
     out[i] = x[i] * math.cos(a) - x[i + h // 2] * math.sin(a)
     out[i + h // 2] = x[i + h // 2] * math.cos(a) + x[i] * math.sin(a)
@@ -54,35 +54,47 @@ def forward(params, cfg, tokens, segments=None):
   f64 = lambda tree: {
     a: np.asarray(b, np.float64) for a, b in tree.items() if not isinstance(b, dict)
   }  # the arrays of one level (attn/q_norm, a module of its own, is read on its own)
+  pre, post = cfg.norm_placement in ("pre", "both"), cfg.norm_placement in ("post", "both")
   for layer in range(cfg.num_layers):
+    norms = {name: f64(tree) for name, tree in params[f"layers_{layer}"].items() if "norm" in name}
     attn = f64(params[f"layers_{layer}"]["attn"])
     mlp = f64(params[f"layers_{layer}"]["mlp"])
-    hx = _norm(x, f64(params[f"layers_{layer}"]["attn_norm"]), cfg)
+    # Gemma 2/3: layer i is global when (i + 1) is a multiple of global_every, else it slides
+    # (with its own RoPE base, Gemma 3); without global_every every layer slides (Mistral).
+    window = cfg.sliding_window
+    if cfg.global_every and (layer + 1) % cfg.global_every == 0:
+      window = None
+    theta = cfg.local_rope_theta if window is not None and cfg.local_rope_theta else cfg.rope_theta
+    scale = cfg.attn_scale if cfg.attn_scale is not None else 1 / math.sqrt(h)
+    hx = _norm(x, norms["attn_norm"], cfg) if pre else x
     q = np.einsum("td,dnh->tnh", hx, attn["q"])
     kk = np.einsum("td,dnh->tnh", hx, attn["k"])
     v = np.einsum("td,dnh->tnh", hx, attn["v"])
     if "q_bias" in attn:
       q, kk, v = q + attn["q_bias"], kk + attn["k_bias"], v + attn["v_bias"]
-    if cfg.qk_norm:  # Qwen3: each head's query and key vectors normalized over their H dims
-      raw = params[f"layers_{layer}"]["attn"]
+    raw = params[f"layers_{layer}"]["attn"]
+    if cfg.qk_norm and cfg.qk_norm_scope == "head":  # Qwen3: over each head's H dims
       q, kk = _norm(q, f64(raw["q_norm"]), cfg), _norm(kk, f64(raw["k_norm"]), cfg)
+    elif cfg.qk_norm:  # OLMo 2: over the whole projection, all heads together
+      q = _norm(q.reshape(t_len, n * h), f64(raw["q_norm"]), cfg).reshape(t_len, n, h)
+      kk = _norm(kk.reshape(t_len, k * h), f64(raw["k_norm"]), cfg).reshape(t_len, k, h)
     out = np.zeros((t_len, n, h))
     for head in range(n):
       kv_head = head // (n // k)
       for i in range(t_len):
         qi = q[i, head]
         if cfg.position == "rope":
-          qi = _rope(qi, pos[i], cfg)
+          qi = _rope(qi, pos[i], theta)
         scores, values = [], []
         for j in range(i + 1):
           if segments[j] != segments[i]:
             continue
-          if cfg.sliding_window is not None and pos[i] - pos[j] >= cfg.sliding_window:
+          if window is not None and pos[i] - pos[j] >= window:
             continue
           kj = kk[j, kv_head]
           if cfg.position == "rope":
-            kj = _rope(kj, pos[j], cfg)
-          s = qi @ kj / math.sqrt(h)
+            kj = _rope(kj, pos[j], theta)
+          s = qi @ kj * scale
           if cfg.attn_logit_softcap:
             s = cfg.attn_logit_softcap * math.tanh(s / cfg.attn_logit_softcap)
           scores.append(s)
@@ -92,15 +104,16 @@ def forward(params, cfg, tokens, segments=None):
     y = np.einsum("tnh,nhd->td", out, attn["o"])
     if "o_bias" in attn:
       y = y + attn["o_bias"]
-    x = x + y
-    hx = _norm(x, f64(params[f"layers_{layer}"]["mlp_norm"]), cfg)
+    x = x + (_norm(y, norms["attn_post_norm"], cfg) if post else y)
+    hx = _norm(x, norms["mlp_norm"], cfg) if pre else x
     up = hx @ mlp["up"] + mlp.get("up_bias", 0)
     if cfg.mlp == "gelu":
       act = _gelu(up)
     else:
       gate = hx @ mlp["gate"]
       act = (gate / (1 + np.exp(-gate)) if cfg.mlp == "swiglu" else _gelu(gate)) * up
-    x = x + act @ mlp["down"] + mlp.get("down_bias", 0)
+    y = act @ mlp["down"] + mlp.get("down_bias", 0)
+    x = x + (_norm(y, norms["mlp_post_norm"], cfg) if post else y)
   x = _norm(x, f64(params["final_norm"]), cfg)
   head = np.asarray(p["embedding"]).T if cfg.tie_embeddings else np.asarray(p["head"])
   logits = x @ head

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints convert to the same logits as `transformers` computes (float32)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -54,7 +55,40 @@ MODELS = {
   "qwen3": lambda: transformers.Qwen3Config(
     **COMMON, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, rms_norm_eps=1e-6
   ),
+  # Layer 0 slides over 5 keys, layer 1 sees every key; logits scaled by 24 ** -0.5, soft-capped
+  "gemma2": lambda: transformers.Gemma2Config(
+    **COMMON,
+    num_key_value_heads=2,
+    head_dim=32,
+    sliding_window=5,
+    query_pre_attn_scalar=24,
+    attn_logit_softcapping=2.0,
+    final_logit_softcapping=3.0,
+  ),  # fmt: skip
+  # ... with q/k norms, and RoPE bases of 1e6 (global) and 10 (sliding layers)
+  "gemma3": lambda: transformers.Gemma3TextConfig(
+    **COMMON,
+    num_key_value_heads=1,
+    head_dim=32,
+    sliding_window=5,
+    layer_types=["sliding_attention", "full_attention"],
+    rope_theta=1e6,
+    rope_local_base_freq=10.0,
+    query_pre_attn_scalar=24,
+  ),  # fmt: skip
+  "olmo2": lambda: transformers.Olmo2Config(
+    **COMMON, num_key_value_heads=2, eos_token_id=1, pad_token_id=1
+  ),
+  "phi3": lambda: transformers.Phi3Config(
+    **COMMON,
+    num_key_value_heads=2,
+    sliding_window=5,
+    eos_token_id=1,
+    pad_token_id=1,
+    bos_token_id=0,
+  ),  # fmt: skip
 }
+NEW_FAMILIES = ("gemma2", "gemma3", "olmo2", "phi3")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +137,51 @@ def test_converted_logits_match_transformers(name, tmp_path, tokenizer_json):
   assert ours.tokenizer.kind == "hf" and ours.tokenizer.encode("to be") == model_tok(tokenizer_json)
 
 
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_scanned_and_unrolled_generate_as_transformers(name, tmp_path, tokenizer_json):
+  """Logits of the converted model, its layers scanned and unrolled, and 32 greedy tokens from a
+  prompt longer than the sliding window (5), generated with the cache as the generate binary
+  lays it out on CPU (per-layer weights looped by lax.switch), equal transformers'."""
+  from decoderjax import layout, sampling
+  from decoderjax.layout import unstack_layers
+
+  model = save_hf(name, tmp_path / "hf", tokenizer_json)
+  with torch.no_grad():  # sharper logits than the 0.02 init: no near-ties between tokens
+    for p in model.parameters():
+      p.mul_(3.0)
+  model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  conversion.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  ours = modeldir.load_model_dir(str(tmp_path / "ours"))
+  assert ours.config.scan_layers
+  tokens = np.random.default_rng(0).integers(0, V, (2, 24))
+  assert_same_logits(model, ours, tokens)
+  unrolled = ours.config.replace(scan_layers=False)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(tokens)).logits.numpy()
+  params = unstack_layers(ours.params, unrolled.num_layers)
+  got, _ = Decoder(unrolled).apply({"params": params}, jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+
+  prompt = [[11, 200, 7, 42, 3, 99, 150, 8, 17, 60]]
+  with torch.no_grad():
+    out = model.generate(
+      torch.tensor(prompt),
+      attention_mask=torch.ones(1, 10, dtype=int),
+      max_new_tokens=32,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
+    )
+  expected = out[:, 10:].numpy()  # fmt: skip
+  per_layer, per_layer_cfg = layout.for_generation(ours.params, ours.config)
+  toks, mask = sampling.left_pad(prompt)
+  greedy = sampling.SamplingConfig(temperature=0)
+  got, _ = sampling.generate_tokens(
+    per_layer, per_layer_cfg, toks, mask, jax.random.key(0), 32, greedy, ()
+  )
+  np.testing.assert_array_equal(np.asarray(got), expected)
+
+
 def model_tok(tokenizer_json):
   from tokenizers import Tokenizer
 
@@ -146,6 +225,28 @@ def test_convert_cli_and_bad_input(tmp_path, tokenizer_json):
   (tmp_path / "odd" / "config.json").write_text('{"model_type": "bloom"}')
   unknown = run("--from=hf", f"--input={tmp_path / 'odd'}", f"--output={tmp_path / 'o'}")
   assert unknown.returncode == 1 and "unknown architecture model_type='bloom'" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+  "name,changes,message",
+  [
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
+     "RoPE type 'longrope' is not supported ('default', 'llama3')"),
+    ("gemma3", {"layer_types": ["full_attention", "sliding_attention"]},
+     "is not a supported pattern (every k-th layer global)"),
+    ("llama3", {"hidden_act": "relu"}, "hidden_act 'relu' is not supported (silu only)"),
+  ],
+)  # fmt: skip
+def test_unsupported_hf_configs_are_named(name, changes, message, tmp_path, tokenizer_json):
+  """A config.json whose options we do not compute: one line naming it, nothing written."""
+  import json
+
+  save_hf(name, tmp_path / "hf", tokenizer_json)
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **changes}))
+  with pytest.raises(ValueError, match=re.escape(message)):
+    conversion.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  assert not os.path.exists(tmp_path / "ours")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

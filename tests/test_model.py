@@ -18,23 +18,34 @@ from decoderjax.layers import WEIGHT_FIRST_MAX_ROWS, contract_out_in, rope_frequ
 from decoderjax.layout import stack_layers, unstack_layers
 from decoderjax.model import Decoder, count_params
 
+GEMMA = get_preset(
+  "tiny-llama",
+  norm_offset=True,
+  mlp="geglu",
+  embed_scale=True,
+  num_kv_heads=1,
+  head_dim=8,
+  attn_logit_softcap=5.0,
+  final_logit_softcap=3.0,
+)
+ALTERNATING = dict(norm_placement="both", sliding_window=3, global_every=2)  # layer 0 slides
 VARIANTS = {
   "gpt2": get_preset("tiny-gpt2", num_layers=2),
   "llama-gqa": get_preset("tiny-llama"),
   "mistral-window": get_preset("tiny-llama", sliding_window=3, tie_embeddings=False),
   "qwen2-qkv-bias": get_preset("tiny-llama", qkv_bias=True),
   "qwen3-qk-norm": get_preset("tiny-llama", qk_norm=True, head_dim=8),
-  "gemma": get_preset(
-    "tiny-llama",
-    norm_offset=True,
-    mlp="geglu",
-    embed_scale=True,
-    num_kv_heads=1,
-    head_dim=8,
-    attn_logit_softcap=5.0,
-    final_logit_softcap=3.0,
-  ),
+  "gemma": GEMMA,
   "sinusoidal": get_preset("tiny-gpt2", position="sinusoidal"),
+  # Norms before and after each sublayer; layer 0 slides over 3 keys, layer 1 sees all
+  "gemma2-alternating": GEMMA.replace(**ALTERNATING, attn_scale=0.2),
+  # ... with per-head q/k norms and a RoPE base of its own for the sliding layers
+  "gemma3-alternating": GEMMA.replace(
+    **ALTERNATING, qk_norm=True, rope_theta=1e6, local_rope_theta=10.0, final_logit_softcap=None
+  ),
+  "olmo2-post-norm": get_preset(
+    "tiny-llama", norm_placement="post", qk_norm=True, qk_norm_scope="all", tie_embeddings=False
+  ),
 }
 
 
@@ -105,7 +116,11 @@ def test_padding_does_not_change_real_tokens():
   assert np.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-window", "gemma", "qwen3-qk-norm"])
+@pytest.mark.parametrize(
+  "name",
+  ["gpt2", "llama-gqa", "mistral-window", "gemma", "qwen3-qk-norm", "gemma3-alternating",
+   "olmo2-post-norm"],
+)  # fmt: skip
 def test_cache_decoding_equals_full_forward(name):
   cfg = VARIANTS[name]
   params = init_params(cfg)
@@ -122,11 +137,15 @@ def test_cache_decoding_equals_full_forward(name):
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv_cache", ["auto", "int8"])
-def test_generation_layouts_decode_alike(monkeypatch, kv_cache):
+@pytest.mark.parametrize(
+  "name,kv_cache",
+  [("llama-gqa", "auto"), ("llama-gqa", "int8"), ("gemma3-alternating", "auto")],
+)
+def test_generation_layouts_decode_alike(monkeypatch, name, kv_cache):
   """Scanned weights (nn.scan), per-layer weights looped by lax.switch (CPU generation) and
-  per-layer weights unrolled (accelerators) give the same logits and caches."""
-  cfg = VARIANTS["llama-gqa"].replace(kv_cache=kv_cache)
+  per-layer weights unrolled (accelerators) give the same logits and caches (alternating
+  sliding and global layers too: scanned, each layer's kind is a traced flag)."""
+  cfg = VARIANTS[name].replace(kv_cache=kv_cache)
   params = init_params(cfg)
   toks = tokens(cfg, b=2, t=12)
   want, want_cache = _decode(cfg, params, toks)
@@ -283,6 +302,10 @@ PUBLISHED_COUNTS = {
   "qwen3-0.6b": 596_049_920,
   "qwen3-8b": 8_190_735_360,  # Qwen/Qwen3-8B
   "gemma-2b": 2_506_172_416,
+  "gemma-2-2b": 2_614_341_888,  # google/gemma-2-2b
+  "gemma-3-1b": 999_885_952,  # google/gemma-3-1b-pt
+  "phi-3-mini": 3_821_079_552,  # microsoft/Phi-3-mini-4k-instruct
+  "olmo-2-1b": 1_484_916_736,  # allenai/OLMo-2-0425-1B
 }
 
 
@@ -346,10 +369,11 @@ def test_config_json_round_trip():
     ModelConfig.from_dict({**cfg.to_dict(), "n_embd": 3})
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "gemma"])
-def test_splash_attention_matches_xla(name):
-  """Pallas splash attention (interpreted on CPU) against the XLA reference, with its gradient."""
-  cfg = VARIANTS[name].replace(max_seq_len=128, sliding_window=40, num_layers=1)
+@pytest.mark.parametrize("name,layers", [("llama-gqa", 1), ("gemma", 1), ("gemma3-alternating", 2)])
+def test_splash_attention_matches_xla(name, layers):
+  """Pallas splash attention (interpreted on CPU) against the XLA reference, with its gradient
+  (alternating layers: the scanned layer's kind picks the sliding or the causal kernel)."""
+  cfg = VARIANTS[name].replace(max_seq_len=128, sliding_window=40, num_layers=layers)
   params = init_params(cfg)
   toks = tokens(cfg, b=1, t=128)
   segments = jnp.array([[1] * 50 + [2] * 78])

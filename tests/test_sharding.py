@@ -101,6 +101,21 @@ def test_meshes_log_the_same_losses_as_one_device(tmp_path, text_file, single_de
     assert losses[step] == pytest.approx(loss, rel=1e-5)
 
 
+def test_newer_families_options_train_alike_on_a_mesh(tmp_path, text_file):
+  """Norms after each sublayer as well as before it (Gemma 2/3), q/k norms over all heads
+  (OLMo 2), alternating sliding and global layers with their own RoPE bases (Gemma 3), a query
+  scale: the same losses on a data x fsdp x tensor mesh as on one device."""
+  options = ["--config.model.norm_placement=both", "--config.model.qk_norm=True",
+             "--config.model.qk_norm_scope=all", "--config.model.sliding_window=8",
+             "--config.model.global_every=2", "--config.model.local_rope_theta=100.0",
+             "--config.model.attn_scale=0.3"]  # fmt: skip
+  one = train(tmp_path / "one", text_file, *options, steps=3)
+  mesh = train(tmp_path / "mesh", text_file, *options, *mesh_flags(2, 2, 2), env=EIGHT, steps=3)
+  assert sorted(mesh) == [1, 2, 3]
+  for step, loss in one.items():
+    assert mesh[step] == pytest.approx(loss, rel=2e-4)
+
+
 def test_checkpoint_restores_onto_another_mesh(tmp_path, text_file, single_device_losses):
   train(tmp_path / "w", text_file, *mesh_flags(fsdp=8), env=EIGHT, steps=3)
   resumed = train(tmp_path / "w", text_file, *mesh_flags(data=2, fsdp=2, tensor=2), env=EIGHT)
