@@ -153,7 +153,9 @@ def train_step(state: TrainState, batch, frozen, *, cfg, optimizer, loss_cfg: Lo
   `state.params` are the trainable parameters; `frozen` the rest of the model (may be empty).
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  deterministic = not (cfg.embed_dropout or cfg.attn_dropout or cfg.resid_dropout)
+  deterministic = not (
+    cfg.embed_dropout or cfg.attn_dropout or cfg.resid_dropout or cfg.lora_dropout
+  )
   a = loss_cfg.grad_accum_steps
 
   def micro(carry, xs):
