@@ -139,7 +139,8 @@ class Dataset:
     eos, noise = self.tokenizer.eos_id, augmenter(self.config, self.tokenizer)
     return Batches(self.train_tokens, self.config.seq_len, batch_size, seed, eos, rows, noise)
 
-  def eval_batches(self, batch_size: int, max_batches: int = 0):
+  def eval_batches(self, batch_size: int, max_batches: int = 0, multiple: int = 1):
+    del multiple  # every batch is batch_size windows, which divides over the devices already
     eos = self.tokenizer.eos_id
     return eval_batches(self.val_tokens, self.config.seq_len, batch_size, eos, max_batches)
 
@@ -169,7 +170,8 @@ class MixtureDataset:
     noise = augmenter(self.config, self.tokenizer)
     return MixtureBatches(sources, self.names, self.weights, batch_size, seed, rows, noise)
 
-  def eval_batches(self, batch_size: int, max_batches: int = 0):
+  def eval_batches(self, batch_size: int, max_batches: int = 0, multiple: int = 1):
+    del multiple  # as Dataset's
     eos, seq_len = self.tokenizer.eos_id, self.config.seq_len
     if len(self.val) == 1:  # data.eval_path: one separate validation stream
       return eval_batches(self.val[0], seq_len, batch_size, eos, max_batches)

@@ -57,12 +57,12 @@ def main(argv):
   )
   order = tasks.by_length(rows)  # similar lengths batch together, each batch cut to its bucket
   probs = np.zeros((len(texts), cfg.num_labels), np.float32)
+  done = 0
   with sharding.activate(mesh):
-    for i, batch in enumerate(
-      tasks.row_batches(tasks.take_rows(rows, order), _BATCH.value, 0, True)
-    ):
-      picked = order[i * _BATCH.value : (i + 1) * _BATCH.value]
+    for batch in tasks.row_batches(tasks.take_rows(rows, order), _BATCH.value, 0, True):
+      picked = order[done : done + len(batch["inputs"])]  # the last batch's padding left out
       probs[picked] = np.asarray(probs_fn(model.params, batch))[: len(picked), 0]
+      done += len(picked)
   results = []
   for (text, _), p in zip(texts, probs, strict=True):
     best = int(np.argmax(p))

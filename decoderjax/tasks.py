@@ -5,11 +5,11 @@ conversations rendered through the model's chat template; the loss covers the co
 assistant message) and nothing else. Classification records {"text", "label"} carry the index
 of the last token the classifier reads. Each example is kept as a row of its own; a training
 batch of `batch_size` examples is packed (data.pack) into as few rows as hold them, whole, rows
-as long as the longest training example's bucket, each example with its own segment id and
-positions so packed examples never see each other; or else (data.bucket) cut to the shortest of
-a few lengths that holds its longest row. Validation examples are packed into rows of
-`seq_len`, or sorted by length and bucketed. As in data.py, the training batch of step `s` is a
-pure function of (seed, s).
+holding two of the longest training example (a bucket length), each example with its own
+segment id and positions so packed examples never see each other; or else (data.bucket) cut to
+the shortest of a few lengths that holds its longest row. Validation examples are packed into
+rows of `seq_len`, or sorted by length and bucketed. As in data.py, the training batch of step
+`s` is a pure function of (seed, s).
 """
 
 from __future__ import annotations
@@ -437,7 +437,7 @@ class TaskBatches:
   Each epoch visits the examples (one per row of `data`) in a fresh random order; with fewer
   than the batch size, epochs wrap inside a batch. `rows` selects this host's examples of the
   global batch. With `pack`, the global batch's examples are packed into rows per batch shard
-  as long as the longest example's bucket (pack_examples; this host takes its shards' rows);
+  that hold two of the longest example (pack_examples; this host takes its shards' rows);
   else, with `bucket`, the batch is cut to the bucket length of its longest row. Either way
   every host gets the same shape.
   Augmentation draws from (seed, step, row of the global batch), so hosts agree with a
@@ -453,9 +453,11 @@ class TaskBatches:
     self.rows = rows or slice(0, batch_size)  # this host's examples of the global batch
     self.pack, self.bucket, self.shards = pack, bucket, shards
     self.n = len(data["inputs"])
-    # Packed rows are as long as the longest example's bucket, not seq_len: a few short examples
-    # fill several short rows, where one long row would be mostly padding.
-    self.capacity = bucket_length(used_length(data["segment_ids"]), data["inputs"].shape[1])
+    # Packed rows hold two of the longest examples (a bucket length, at most seq_len): short
+    # rows, where one row of seq_len would be mostly padding, yet room for pairs where rows of
+    # the longest example's own length would leave most examples alone in theirs.
+    longest = used_length(data["segment_ids"])
+    self.capacity = bucket_length(2 * longest, data["inputs"].shape[1])
     if self.n == 0:
       raise ValueError("no training rows to batch")
     if batch_size % shards:
@@ -521,8 +523,10 @@ class TaskDataset:
     )
     return text + (f", {s['truncated']:,} truncated" if s.get("truncated") else "")
 
-  def eval_batches(self, batch_size: int, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    return row_batches(self.val, batch_size, max_batches, self.config.bucket)
+  def eval_batches(
+    self, batch_size: int, max_batches: int = 0, multiple: int = 1
+  ) -> Iterator[dict[str, np.ndarray]]:
+    return row_batches(self.val, batch_size, max_batches, self.config.bucket, multiple)
 
 
 def validation_rows(rows: Rows, cfg: DataConfig) -> Rows:
@@ -533,16 +537,22 @@ def validation_rows(rows: Rows, cfg: DataConfig) -> Rows:
   return take_rows(rows, by_length(rows))
 
 
-def row_batches(rows: Rows, batch_size: int, max_batches: int = 0, bucket=False) -> Iterator[Rows]:
-  """Consecutive rows; the last batch is padded with zero rows (zero weights). With `bucket`,
-  each batch is cut to its longest row's bucket length."""
+def row_batches(
+  rows: Rows, batch_size: int, max_batches: int = 0, bucket=False, multiple: int = 1
+) -> Iterator[Rows]:
+  """Consecutive rows, in as few batches of at most `batch_size` rows as hold them, all of one
+  size: as full as each other, a multiple of `multiple` rows (the devices a batch splits over),
+  the last padded with zero rows (zero weights). 23 rows in batches of at most 16 are two of 12,
+  not 16 and 16. With `bucket`, each batch is cut to its longest row's bucket length."""
   n = len(rows["inputs"])
   if max_batches:
     n = min(n, max_batches * batch_size)
-  for i in range(0, n, batch_size):
-    real = min(batch_size, n - i)
+  size = -(-n // max(-(-n // batch_size), 1))
+  size = min(-(-size // multiple) * multiple, batch_size)
+  for i in range(0, n, size):
+    real = min(size, n - i)
     batch = {
-      k: np.concatenate([v[i : i + real], np.zeros((batch_size - real, *v.shape[1:]), v.dtype)])
+      k: np.concatenate([v[i : i + real], np.zeros((size - real, *v.shape[1:]), v.dtype)])
       for k, v in rows.items()
     }
     if bucket:

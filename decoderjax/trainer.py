@@ -93,10 +93,12 @@ CLASSIFY_METRICS = ("accuracy", "macro_f1", "examples")
 def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh) -> dict:
   """Validation loss (and a classifier's accuracy and macro-F1) over the validation split."""
   batch_size = exp.eval.batch_size or exp.train.batch_size
-  rows = sharding_lib.local_batch_rows(mesh, batch_size)
+  sharding_lib.local_batch_rows(mesh, batch_size)  # divides over the devices, or an error
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
 
   def outputs():
-    for batch in dataset.eval_batches(batch_size, exp.eval.max_batches):
+    for batch in dataset.eval_batches(batch_size, exp.eval.max_batches, devices):
+      rows = sharding_lib.local_batch_rows(mesh, len(batch["inputs"]))  # balanced: may be fewer
       global_batch = sharding_lib.global_batch(mesh, {k: v[rows] for k, v in batch.items()})
       out = eval_fn(params, global_batch, frozen)
       if "predictions" in out:  # sharded over the batch: gathered onto every host

@@ -379,7 +379,7 @@ def test_classify_eval_batches_pad_with_zero_example_weights(tmp_path):
   path = write_jsonl(tmp_path / "r.jsonl", [{"text": t, "label": y} for t, y in REVIEWS])
   cfg = DataConfig(path=path, eval_path=path, task="classify", seq_len=8)
   ds = tasks.load_task_dataset(cfg, ByteTokenizer(), None)
-  last = list(ds.eval_batches(4))[-1]
+  last = list(ds.eval_batches(4, multiple=4))[-1]  # 6 rows on 4 devices: batches of 4
   np.testing.assert_array_equal(last["example_weights"], [[1], [1], [0], [0]])  # a row each
   np.testing.assert_array_equal(last["labels"][:2], ds.val["labels"][4:])
 
@@ -431,3 +431,23 @@ def test_augmentation_probabilities_are_checked(tmp_path):
   inputs = np.arange(12).reshape(2, 6)
   with pytest.raises(ValueError, match="data.span_mask"):
     data.augment(inputs, inputs, np.random.default_rng(0), DataConfig(span_mask=-0.1), 20, 0)
+
+
+@pytest.mark.parametrize(
+  "n,batch_size,multiple,sizes",
+  [(23, 16, 1, [12, 12]), (23, 16, 8, [16, 16]), (17, 16, 4, [12, 12]), (16, 16, 1, [16]),
+   (5, 16, 2, [6])],
+)  # fmt: skip
+def test_row_batches_are_balanced_and_keep_every_row_once(n, batch_size, multiple, sizes):
+  """As few batches as hold the rows, of one size (a multiple of the devices), padded with
+  zero-weight rows at the end only: the last batch is no longer mostly padding."""
+  rows = {
+    "inputs": np.arange(1, n + 1)[:, None] * np.ones((1, 4), np.int32),
+    "weights": np.ones((n, 4), np.float32),
+  }
+  batches = list(tasks.row_batches(rows, batch_size, multiple=multiple))
+  assert [len(b["inputs"]) for b in batches] == sizes
+  inputs = np.concatenate([b["inputs"][:, 0] for b in batches])
+  weights = np.concatenate([b["weights"][:, 0] for b in batches])
+  assert inputs[:n].tolist() == list(range(1, n + 1)) and not inputs[n:].any()
+  assert weights.sum() == n
