@@ -59,7 +59,7 @@ def write_tasks(workdir: str) -> dict:
 # decoderjax.
 
 
-def ours(task: str, variant: str, base: str, files: dict, workdir: str) -> dict:
+def ours(task: str, variant: str, base: str, files: dict, workdir: str, seed: int) -> dict:
   config, steps, every, batch, _ = RECIPES[task]
   extra = ["--config.data.pack=false"] if variant == "bucketed" else []
   out = os.path.join(workdir, f"ours_{task}_{variant}")
@@ -71,7 +71,7 @@ def ours(task: str, variant: str, base: str, files: dict, workdir: str) -> dict:
     f"--config.data.eval_path={files[task + '_val']}", f"--config.train.steps={steps}",
     f"--config.train.batch_size={batch}", f"--config.eval.every_steps={every}",
     f"--config.eval.batch_size={EVAL_BATCH}", "--config.train.early_stopping_patience=0",
-    "--config.train.sample_tokens=0", *extra,
+    "--config.train.sample_tokens=0", f"--config.train.seed={seed}", *extra,
   ]  # fmt: skip
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode:
@@ -148,14 +148,14 @@ def _pad(rows, pad_id):
   return ids, mask, labels
 
 
-def peft_run(task: str, gguf: str, files: dict) -> dict:
+def peft_run(task: str, gguf: str, files: dict, seed: int) -> dict:
   import torch
 
   _, steps, every, batch, _ = RECIPES[task]
   read = lambda split: [json.loads(line) for line in open(files[f"{task}_{split}"])]
   train, val = read("train"), read("val")
   names = sorted({r["label"] for r in train}) if task == "classify" else []
-  torch.manual_seed(0)  # the new head, the adapters and dropout
+  torch.manual_seed(seed)  # the new head, the adapters and dropout
   tok, model = _hf_model(task, gguf, len(names))
   params = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -184,7 +184,7 @@ def peft_run(task: str, gguf: str, files: dict) -> dict:
     model.train()
     return correct / len(val) if task == "classify" else loss_sum / weight
 
-  order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+  order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
   curve = {0: evaluate()}
   start = time.perf_counter()
   model.train()
@@ -209,6 +209,7 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--tasks", default="classify,sft")
   parser.add_argument("--runs", default="ours,peft", help="of ours, bucketed, peft")
+  parser.add_argument("--seed", type=int, default=0, help="both stacks' (data order, init)")
   args = parser.parse_args()
   os.makedirs(args.workdir, exist_ok=True)
   files = write_tasks(args.workdir)
@@ -222,9 +223,9 @@ def main():
       name = f"{task}/{run}"
       print(f"running {name} ...", flush=True)
       if run == "peft":
-        results[name] = peft_run(task, args.gguf, files)
+        results[name] = peft_run(task, args.gguf, files, args.seed)
       else:
-        results[name] = ours(task, run, base, files, args.workdir)
+        results[name] = ours(task, run, base, files, args.workdir, args.seed)
       print(name, json.dumps(results[name]), flush=True)
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)

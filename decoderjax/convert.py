@@ -4,9 +4,14 @@
   python -m decoderjax.convert --from=gguf --input=FILE.gguf --output=MODEL_DIR
   python -m decoderjax.convert --to=hf --input=MODEL_DIR --output=HF_DIR
   python -m decoderjax.convert --to=decoderjax --input=WORKDIR --output=MODEL_DIR
+  python -m decoderjax.convert --to=peft --input=LORA_WORKDIR --output=PEFT_DIR
+  python -m decoderjax.convert --from=peft --input=PEFT_DIR --base=MODEL_DIR --output=ADAPTER_DIR
 
 --to=decoderjax writes a self-contained model directory from a training workdir or adapter
 directory: the best checkpoint's parameters, with LoRA adapters merged into the weights.
+--to=peft writes a LoRA fine-tune's adapters as a peft adapter (adapter_config.json,
+adapter_model.safetensors) for the base exported by --to=hf; --from=peft reads one as an adapter
+directory over --base, the decoderjax model directory converted from its Hugging Face base.
 
 HF_DIR is a Hugging Face model folder: config.json, safetensors weights (single or sharded),
 and tokenizer.json or tokenizer.model (or --tokenizer=DIR naming the folder that has them, for a
@@ -20,11 +25,16 @@ import os
 
 from absl import flags
 
-from decoderjax import cli, conversion, modeldir
+from decoderjax import cli, conversion, modeldir, peftio
 
-_FROM = flags.DEFINE_enum("from", None, ["hf", "gguf"], "Source format (into a model directory).")
+_FROM = flags.DEFINE_enum(
+  "from", None, ["hf", "gguf", "peft"], "Source format (into a model or adapter directory)."
+)
 _TO = flags.DEFINE_enum(
-  "to", None, ["hf", "decoderjax"], "Target format (from a model directory or workdir)."
+  "to", None, ["hf", "decoderjax", "peft"], "Target format (from a model directory or workdir)."
+)
+_BASE = flags.DEFINE_string(
+  "base", None, "--from=peft: the model directory of the adapter's base (converted from it)."
 )
 _INPUT = flags.DEFINE_string("input", None, "Source checkpoint folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Model directory to write (must not exist).")
@@ -41,20 +51,28 @@ flags.mark_flags_as_required(["input", "output"])
 def main(argv):
   del argv
   if (_FROM.value is None) == (_TO.value is None):
-    raise ValueError("give exactly one of --from=hf|gguf (into decoderjax) or --to=hf|decoderjax")
+    raise ValueError(
+      "give exactly one of --from=hf|gguf|peft (into decoderjax) or --to=hf|decoderjax|peft"
+    )
   if _TOKENIZER.value and _FROM.value != "hf":
     raise ValueError(
       "--tokenizer applies to --from=hf only (GGUF files and model directories "
       "carry their tokenizer)"
     )
+  if (_BASE.value is not None) != (_FROM.value == "peft"):
+    raise ValueError("--from=peft needs --base=MODEL_DIR, and --base applies to it alone")
   if os.path.exists(_OUTPUT.value):
     raise ValueError(f"--output={_OUTPUT.value} already exists")
   if _FROM.value == "hf":
     conversion.convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value, _TOKENIZER.value)
   elif _FROM.value == "gguf":
     conversion.convert_gguf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
+  elif _FROM.value == "peft":
+    peftio.import_peft(_INPUT.value, _BASE.value, _OUTPUT.value)
   elif _TO.value == "decoderjax":
     modeldir.export_model_dir(_INPUT.value, _OUTPUT.value)
+  elif _TO.value == "peft":
+    peftio.export_peft(_INPUT.value, _OUTPUT.value)
   else:
     conversion.export_hf(_INPUT.value, _OUTPUT.value)
   print(f"wrote {_OUTPUT.value}")
