@@ -26,7 +26,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from decoderjax import hf
+from decoderjax import hfconfig
 from decoderjax.config import get_preset
 
 
@@ -70,7 +70,7 @@ def write_checkpoint(cfg, directory: str, seed: int = 0) -> int:
     weight_map.update({name: f"{shard}.safetensors" for name in tensors})
   with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-  config = hf.config_to_hf(cfg)
+  config = hfconfig.config_to_hf(cfg)
   config.update(torch_dtype="bfloat16", eos_token_id=0, bos_token_id=0)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f)

@@ -10,7 +10,7 @@ import os
 import jax
 import numpy as np
 
-from decoderjax import ggufio, hf, modeldir
+from decoderjax import ggufio, hf, hfconfig, modeldir
 from decoderjax.progress import Progress
 from decoderjax.tokenizer import HFTokenizer, SentencePieceTokenizer
 
@@ -79,7 +79,7 @@ def convert_hf(source: str, output: str, dtype: str = "float32", tokenizer: str 
   hf_config = _read_json(config_path)
   if not hf_config:
     raise FileNotFoundError(f"{source}: no config.json")
-  cfg = hf.config_from_hf(hf_config, config_path).replace(param_dtype=dtype, dtype=dtype)
+  cfg = hfconfig.config_from_hf(hf_config, config_path).replace(param_dtype=dtype, dtype=dtype)
   if tokenizer and not os.path.isdir(tokenizer):
     raise FileNotFoundError(f"--tokenizer={tokenizer} is not a folder")
   tok = hf_tokenizer(source, hf_config, tokenizer)
@@ -151,7 +151,7 @@ def export_hf(source: str, output: str) -> None:
       f"{source}: a {tok.kind!r} tokenizer has no Hugging Face form (hf, sentencepiece)"
     )
   cfg, params = unpad_vocab(cfg, jax.tree.map(np.asarray, model.params))
-  config = hf.config_to_hf(cfg, prefer=model.metadata.get("hf_architecture"))
+  config = hfconfig.config_to_hf(cfg, prefer=model.metadata.get("hf_architecture"))
   config.update(torch_dtype="float32", eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
   tensors = hf.params_to_hf(params, cfg, config["model_type"])
   with modeldir.staged(output) as staging:
