@@ -432,7 +432,7 @@ def report(exp: Experiment, topology: str, num_slices: int = 1, mode: str = "tra
   batch = batch or exp.train.batch_size
   prompt_len = prompt_len or exp.data.seq_len
   with sharding.activate(mesh, mesh_cfg.rules):
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = sharding.batch_shards(mesh)
     if batch % ways:
       raise ValueError(f"batch {batch} does not divide over mesh data x fsdp = {ways} chips")
     if mode == "train":

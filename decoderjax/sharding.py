@@ -170,12 +170,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch splits: the mesh's data x fsdp devices."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def local_batch_rows(mesh: Mesh, global_batch: int) -> slice:
   """The rows of the global batch that this process's devices hold (contiguous)."""
-  if global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+  if global_batch % batch_shards(mesh):
     raise ValueError(
       f"train.batch_size={global_batch} does not divide over mesh data x fsdp = "
-      f"{mesh.shape['data'] * mesh.shape['fsdp']} devices"
+      f"{batch_shards(mesh)} devices"
     )
   index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
   starts = [idx[0].start or 0 for idx in index_map.values()]

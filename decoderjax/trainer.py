@@ -94,10 +94,10 @@ def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh) -> dict:
   """Validation loss (and a classifier's accuracy and macro-F1) over the validation split."""
   batch_size = exp.eval.batch_size or exp.train.batch_size
   sharding_lib.local_batch_rows(mesh, batch_size)  # divides over the devices, or an error
-  devices = mesh.shape["data"] * mesh.shape["fsdp"]
 
   def outputs():
-    for batch in dataset.eval_batches(batch_size, exp.eval.max_batches, devices):
+    shards = sharding_lib.batch_shards(mesh)
+    for batch in dataset.eval_batches(batch_size, exp.eval.max_batches, shards):
       rows = sharding_lib.local_batch_rows(mesh, len(batch["inputs"]))  # balanced: may be fewer
       global_batch = sharding_lib.global_batch(mesh, {k: v[rows] for k, v in batch.items()})
       out = eval_fn(params, global_batch, frozen)
@@ -213,7 +213,7 @@ class _Run:
     self.step_fn = state_lib.jit_train_step(exp, optimizer, self.layout, mesh)
     self.eval_fn = state_lib.jit_eval_step(exp, self.layout, mesh)
     rows = sharding_lib.local_batch_rows(mesh, exp.train.batch_size)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]  # task batches pack each shard's examples
+    shards = sharding_lib.batch_shards(mesh)  # task batches pack each shard's examples
     self.batches = dataset.train_batches(exp.train.batch_size, exp.data.seed, rows, shards)
     self.mngr = checkpoints.manager(workdir, exp.checkpoint.keep, exp.checkpoint.keep_best)
     self.state, self.frozen = self._restore_or_init(optimizer)
