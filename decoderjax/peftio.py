@@ -20,25 +20,27 @@ import re
 
 import numpy as np
 
-from decoderjax import modeldir
+from decoderjax import adapters, hf, modeldir
 from decoderjax.config import ModelConfig
+from decoderjax.layout import stack_layers, unstack_layers
 from decoderjax.tokenizer import load_tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-# Hugging Face module name -> (our block, our projection), for the Llama-shaped families.
+# The Llama-shaped families' projections, read off the checkpoint table: Hugging Face module
+# name ("q_proj") -> (its path in a layer, "self_attn.q_proj"; our block and name, "attn", "q").
 MODULES = {
-  "q_proj": ("attn", "q"), "k_proj": ("attn", "k"), "v_proj": ("attn", "v"),
-  "o_proj": ("attn", "o"), "gate_proj": ("mlp", "gate"), "up_proj": ("mlp", "up"),
-  "down_proj": ("mlp", "down"),
-}  # fmt: skip
-OURS = {ours: hf for hf, (_, ours) in MODULES.items()}
+  t.hf.split(".")[1]: (t.hf.removesuffix(".weight"), *t.ours[0].split("/"))
+  for t in hf.LLAMA_LAYER
+  if t.layout in ("heads_in", "heads_out", "linear")
+}
+OURS = {name: module for module, (_, _, name) in MODULES.items()}
+BY_PATH = {path: module for module, (path, _, _) in MODULES.items()}
 FUSED_ARCHITECTURES = ("gpt2", "phi3")  # q/k/v (and gate/up) stored as one matrix
-_NAME = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+_NAME = re.compile(r"(?:.*\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight")
 
 
 def _hf_name(layer: int, target: str, which: str) -> str:
-  block = "self_attn" if MODULES[OURS[target]][0] == "attn" else "mlp"
-  return f"base_model.model.model.layers.{layer}.{block}.{OURS[target]}.lora_{which}.weight"
+  return f"base_model.model.model.layers.{layer}.{MODULES[OURS[target]][0]}.lora_{which}.weight"
 
 
 def _check_architecture(meta: dict, where: str) -> None:
@@ -50,18 +52,9 @@ def _check_architecture(meta: dict, where: str) -> None:
     )
 
 
-def _layer_arrays(params: dict, cfg: ModelConfig):
-  """(layer, block, projection name, array) of every LoRA leaf, per layer."""
-  for i in range(cfg.num_layers):
-    layer = (
-      {k: {n: np.asarray(v[i]) for n, v in b.items()} for k, b in params["layers"].items()}
-      if cfg.scan_layers
-      else params[f"layers_{i}"]
-    )
-    for block in ("attn", "mlp"):
-      for name, value in layer.get(block, {}).items():
-        if "_lora_" in name:
-          yield i, name, np.asarray(value, np.float32)
+def _per_layer(lora: dict, cfg: ModelConfig) -> dict:
+  """An adapter tree as per-layer "layers_i" trees, scanned or not."""
+  return unstack_layers(lora, cfg.num_layers) if cfg.scan_layers else lora
 
 
 def export_peft(source: str, output: str) -> None:
@@ -77,14 +70,16 @@ def export_peft(source: str, output: str) -> None:
   if cfg.num_labels or cfg.prompt_tokens:
     raise ValueError(f"{source}: a classifier or prompt-tuned model has no peft LoRA form")
   params = modeldir.load_model_dir(source, merge_lora=False).params
-  tensors = {}
-  for i, name, value in _layer_arrays(params, cfg):
-    target, which = name.split("_lora_")
-    r = cfg.lora_rank
-    if which == "a":  # ours [*in, r] -> peft A [r, in]
-      tensors[_hf_name(i, target, "A")] = np.ascontiguousarray(value.reshape(-1, r).T)
-    else:  # ours [r, *out] -> peft B [out, r]
-      tensors[_hf_name(i, target, "B")] = np.ascontiguousarray(value.reshape(r, -1).T)
+  layers = _per_layer(adapters.split_trainable(params, "lora")[0], cfg)
+  tensors, r = {}, cfg.lora_rank
+  for i in range(cfg.num_layers):
+    for leaves in layers[f"layers_{i}"].values():
+      for name, value in leaves.items():
+        target, which = name.split("_lora_")
+        value = np.asarray(value, np.float32)
+        # ours A [*in, r] -> peft A [r, in]; ours B [r, *out] -> peft B [out, r]
+        flat = value.reshape(-1, r) if which == "a" else value.reshape(r, -1)
+        tensors[_hf_name(i, target, which.upper())] = np.ascontiguousarray(flat.T)
   config = {
     "peft_type": "LORA",
     "task_type": "CAUSAL_LM",
@@ -147,7 +142,7 @@ def import_peft(source: str, base: str, output: str) -> None:
   r, alpha = int(config["r"]), float(config["lora_alpha"])
   if config.get("use_rslora"):  # scale alpha / sqrt(r), ours alpha / r
     alpha *= math.sqrt(r)
-  targets = [MODULES[t][1] for t in sorted(config["target_modules"], key=list(MODULES).index)]
+  targets = [MODULES[t][2] for t in sorted(config["target_modules"], key=list(MODULES).index)]
   cfg = base_meta["model"].replace(
     lora_rank=r,
     lora_alpha=alpha,
@@ -158,16 +153,17 @@ def import_peft(source: str, base: str, output: str) -> None:
   if not os.path.exists(weights_path):
     raise FileNotFoundError(f"{source}: no {WEIGHTS_FILE}")
   tensors = load_file(weights_path)
-  expected = _lora_shapes(cfg)
+  expected = _layer_shapes(cfg)
   found = {}
   for name, value in tensors.items():
     match = _NAME.fullmatch(name)
-    if not match or match[2] not in MODULES:
+    if not match or match[2] not in BY_PATH:
       raise ValueError(f"{weights_path}: unexpected tensor {name!r}")
-    layer, target, which = int(match[1]), MODULES[match[2]][1], match[3].lower()
+    _, block, target = MODULES[BY_PATH[match[2]]]
+    layer, which = int(match[1]), match[3].lower()
     if target not in targets or layer >= cfg.num_layers:
       raise ValueError(f"{weights_path}: {name!r} is outside the adapter's targets or layers")
-    block, shape = expected[(target, which)]
+    shape = expected[(block, f"{target}_lora_{which}")]
     # peft A [r, in] -> ours [*in, r]; peft B [out, r] -> ours [r, *out]
     peft_shape = (r, math.prod(shape[:-1])) if which == "a" else (math.prod(shape[1:]), r)
     if tuple(value.shape) != peft_shape:
@@ -179,7 +175,10 @@ def import_peft(source: str, base: str, output: str) -> None:
   missing = len(expected) * cfg.num_layers - len(found)
   if missing:
     raise ValueError(f"{weights_path}: {missing} LoRA tensor(s) missing of {cfg.num_layers} layers")
-  params = _tree(found, cfg)
+  layers = {f"layers_{i}": {} for i in range(cfg.num_layers)}
+  for (i, block, name), value in found.items():
+    layers[f"layers_{i}"].setdefault(block, {})[name] = value
+  params = stack_layers(layers, cfg.num_layers) if cfg.scan_layers else layers
   tokenizer = load_tokenizer(os.path.join(base, modeldir.TOKENIZER_DIR))
   extra = {"base": os.path.abspath(base), "method": "lora"}
   extra["hf_architecture"] = base_meta.get("hf_architecture")
@@ -188,30 +187,8 @@ def import_peft(source: str, base: str, output: str) -> None:
     modeldir.save_params(staging, params)
 
 
-def _lora_shapes(cfg: ModelConfig) -> dict:
-  """(projection, a|b) -> (block, our per-layer shape) of every adapted projection."""
-  d, f, h, r = cfg.embed_dim, cfg.mlp_dim, cfg.head_size, cfg.lora_rank
-  ins = {"q": (d,), "k": (d,), "v": (d,), "o": (cfg.num_heads, h), "gate": (d,), "up": (d,),
-         "down": (f,)}  # fmt: skip
-  outs = {"q": (cfg.num_heads, h), "k": (cfg.kv_heads, h), "v": (cfg.kv_heads, h), "o": (d,),
-          "gate": (f,), "up": (f,), "down": (d,)}  # fmt: skip
-  shapes = {}
-  for t in cfg.lora_target_set:
-    block = MODULES[OURS[t]][0]
-    shapes[(t, "a")] = (block, (*ins[t], r))
-    shapes[(t, "b")] = (block, (r, *outs[t]))
-  return shapes
-
-
-def _tree(found: dict, cfg: ModelConfig) -> dict:
-  """Our adapter tree: per-layer arrays stacked on a leading axis when the model scans."""
-  layers = [{} for _ in range(cfg.num_layers)]
-  for (i, block, name), value in found.items():
-    layers[i].setdefault(block, {})[name] = value
-  if not cfg.scan_layers:
-    return {f"layers_{i}": layer for i, layer in enumerate(layers)}
-  stacked = {
-    block: {name: np.stack([layer[block][name] for layer in layers]) for name in names}
-    for block, names in layers[0].items()
-  }
-  return {"layers": stacked}
+def _layer_shapes(cfg: ModelConfig) -> dict:
+  """(block, leaf name) -> one layer's shape, of every adapter leaf `cfg`'s model has."""
+  lora, _ = adapters.split_trainable(modeldir.abstract_params(cfg), "lora")
+  layer, lead = (lora["layers"], 1) if cfg.scan_layers else (lora["layers_0"], 0)
+  return {(b, name): s.shape[lead:] for b, leaves in layer.items() for name, s in leaves.items()}
