@@ -13,8 +13,9 @@ from the embedded Shakespeare corpus (benchmarks/shakespeare_tasks.py):
   peft: AutoModelForSequenceClassification, rows padded to the longest of each batch.
 - sft: a chat-formatted set of short records (continue a speech: one line in, the next out),
   loss on the assistant turn only; LoRA r=8 on q, k, v, o, batch 8, 100 steps, completion loss on
-  the held-out records every 25 steps. Ours: configs/finetune_sft_lora.py as shipped. Both
-  stacks take 8 examples a step.
+  the held-out records every 25 steps. Ours: configs/finetune_sft_lora.py as shipped.
+Both stacks take the same 8 examples at each step (our data order: a fresh permutation of the
+training records each epoch, drawn from the seed).
 Seconds per step count from the end of the step-0 evaluation to the end of the last evaluation,
 evaluations (and, for ours, compilations and checkpoint saves) included.
 """
@@ -85,6 +86,20 @@ def ours(task: str, variant: str, base: str, files: dict, workdir: str, seed: in
 
 
 # peft + transformers.
+
+
+def example_order(n: int, batch: int, steps: int, seed: int) -> list[list[int]]:
+  """Each step's training records, as decoderjax's TaskBatches picks them: epoch e visits the
+  records in numpy's permutation drawn from (seed, e), and epochs follow on inside a batch."""
+  import numpy as np
+
+  epochs = {}
+  picked = [divmod(i, n) for i in range(steps * batch)]
+  for epoch, _ in picked:
+    if epoch not in epochs:
+      epochs[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+  order = [int(epochs[epoch][k]) for epoch, k in picked]
+  return [order[step * batch : (step + 1) * batch] for step in range(steps)]
 
 
 def _schedule(step: int, steps: int) -> float:
@@ -184,12 +199,12 @@ def peft_run(task: str, gguf: str, files: dict, seed: int) -> dict:
     model.train()
     return correct / len(val) if task == "classify" else loss_sum / weight
 
-  order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+  order = example_order(len(train), batch, steps, seed)
   curve = {0: evaluate()}
   start = time.perf_counter()
   model.train()
   for step in range(steps):
-    picked = [train[order[(step * batch + i) % len(train)]] for i in range(batch)]
+    picked = [train[i] for i in order[step]]
     ids, mask, labels = tensors(picked)
     for group in optimizer.param_groups:
       group["lr"] = _schedule(step, steps)

@@ -94,9 +94,9 @@ def convert_hf(source: str, output: str, dtype: str = "float32", tokenizer: str 
 
 def convert_gguf(source: str, output: str, dtype: str = "float32") -> None:
   bar = _LayerBar(source)
-  cfg, params, tokenizer, generation = ggufio.read_gguf(source, dtype=dtype, progress=bar)
+  cfg, params, tokenizer, generation, arch = ggufio.read_gguf(source, dtype=dtype, progress=bar)
   bar.close()
-  write_model_dir(source, output, cfg, params, tokenizer, generation)
+  write_model_dir(source, output, cfg, params, tokenizer, generation, {"hf_architecture": arch})
 
 
 def pad_vocab(cfg, params):

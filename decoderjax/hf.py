@@ -125,24 +125,27 @@ LLAMA_LAYER = (
   _T(("attn/k",), "self_attn.k_proj.weight", "heads_in", "attn_k.weight"),
   _T(("attn/v",), "self_attn.v_proj.weight", "heads_in", "attn_v.weight"),
   _T(("attn/o",), "self_attn.o_proj.weight", "heads_out", "attn_output.weight"),
-  _T(("attn/q_bias",), "self_attn.q_proj.bias", "head_bias", only_if="qkv_bias"),
-  _T(("attn/k_bias",), "self_attn.k_proj.bias", "head_bias", only_if="qkv_bias"),
-  _T(("attn/v_bias",), "self_attn.v_proj.bias", "head_bias", only_if="qkv_bias"),
-  _T(("attn/q_norm/scale",), "self_attn.q_norm.weight", "same", only_if="qk_norm"),
-  _T(("attn/k_norm/scale",), "self_attn.k_norm.weight", "same", only_if="qk_norm"),
-  # Where the norms sit (norm_placement) decides which HF name each has.
+  _T(("attn/q_bias",), "self_attn.q_proj.bias", "head_bias", "attn_q.bias", "qkv_bias"),
+  _T(("attn/k_bias",), "self_attn.k_proj.bias", "head_bias", "attn_k.bias", "qkv_bias"),
+  _T(("attn/v_bias",), "self_attn.v_proj.bias", "head_bias", "attn_v.bias", "qkv_bias"),
+  _T(("attn/q_norm/scale",), "self_attn.q_norm.weight", "same", "attn_q_norm.weight", "qk_norm"),
+  _T(("attn/k_norm/scale",), "self_attn.k_norm.weight", "same", "attn_k_norm.weight", "qk_norm"),
+  # Where the norms sit (norm_placement) decides which HF and GGUF name each has.
   _T(("mlp_norm/scale",), "post_attention_layernorm.weight", "same", "ffn_norm.weight", "pre"),
-  _T(("attn_post_norm/scale",), "post_attention_layernorm.weight", "same", only_if="post_norms"),
-  _T(("mlp_norm/scale",), "pre_feedforward_layernorm.weight", "same", only_if="both"),
-  _T(("mlp_post_norm/scale",), "post_feedforward_layernorm.weight", "same", only_if="post_norms"),
+  _T(("attn_post_norm/scale",), "post_attention_layernorm.weight", "same",
+     "post_attention_norm.weight", "post_norms"),
+  _T(("mlp_norm/scale",), "pre_feedforward_layernorm.weight", "same", "ffn_norm.weight", "both"),
+  _T(("mlp_post_norm/scale",), "post_feedforward_layernorm.weight", "same",
+     "post_ffw_norm.weight", "post_norms"),
   _T(("mlp/gate",), "mlp.gate_proj.weight", "linear", "ffn_gate.weight"),
   _T(("mlp/up",), "mlp.up_proj.weight", "linear", "ffn_up.weight"),
   _T(("mlp/down",), "mlp.down_proj.weight", "linear", "ffn_down.weight"),
-)
+)  # fmt: skip
 PHI3_FUSED = {  # Phi-3 stores q, k, v as one matrix, and gate and up as another
   "self_attn.q_proj.weight": _T(("attn/q", "attn/k", "attn/v"), "self_attn.qkv_proj.weight",
-                                "fused_qkv"),
-  "mlp.up_proj.weight": _T(("mlp/gate", "mlp/up"), "mlp.gate_up_proj.weight", "fused_linear"),
+                                "fused_qkv", "attn_qkv.weight"),
+  "mlp.up_proj.weight": _T(("mlp/gate", "mlp/up"), "mlp.gate_up_proj.weight", "fused_linear",
+                           "ffn_up.weight"),
 }  # fmt: skip
 PHI3_LAYER = tuple(
   PHI3_FUSED.get(t.hf, t) for t in LLAMA_LAYER
@@ -187,6 +190,14 @@ def _tables(arch: str):
   if arch == "gpt2":
     return GPT2_GLOBAL, GPT2_LAYER, "h.{i}."
   return LLAMA_GLOBAL, PHI3_LAYER if arch == "phi3" else LLAMA_LAYER, "model.layers.{i}."
+
+
+def gguf_names(cfg: ModelConfig, arch: str) -> tuple[dict[str, str], dict[str, str]]:
+  """llama.cpp's names -> Hugging Face's, of the global and the per-layer tensors (a layer's
+  names after "blk.{i}." and "model.layers.{i}.") that a model of `cfg` has."""
+  global_tensors, layer_tensors, _ = _tables(arch)
+  names = lambda tensors: {t.gguf: t.hf for t in tensors if t.gguf and _present(t, cfg)}
+  return names(global_tensors), names(layer_tensors)
 
 
 def _present(t: Tensor, cfg: ModelConfig) -> bool:

@@ -87,3 +87,17 @@ def test_finetune_vs_peft_task_and_schedule_match_ours(monkeypatch):
   ours = make_schedule(cfg, 300)
   theirs = [finetune_vs_peft._schedule(step, 300) for step in range(300)]
   np.testing.assert_allclose(theirs, [float(ours(step)) for step in range(300)], rtol=1e-5)
+
+
+def test_finetune_vs_peft_feeds_peft_our_data_order(monkeypatch):
+  """peft's batches are ours: the records TaskBatches picks at each step, across epochs."""
+  monkeypatch.syspath_prepend(BENCHMARKS)
+  import finetune_vs_peft
+
+  from decoderjax.tasks import TaskBatches
+
+  n, batch, steps, seed = 13, 4, 9, 3  # 36 picks: three epochs, two of them split by a batch
+  data = {"inputs": np.ones((n, 8), np.int32), "segment_ids": np.ones((n, 8), np.int32)}
+  ours = TaskBatches(data, batch, seed)
+  theirs = finetune_vs_peft.example_order(n, batch, steps, seed)
+  assert theirs == [ours.example_indices(step).tolist() for step in range(steps)]

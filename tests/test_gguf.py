@@ -97,6 +97,14 @@ def tokenizer_pieces():
   return tokens, merges, tok
 
 
+def close(w):
+  """Writes a GGUFWriter's header, metadata and tensors to its file."""
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
 def write_gguf(path, model, qtype, extra=None):
   tokens, merges, _ = tokenizer_pieces()
   w = gguf.GGUFWriter(str(path), "llama")
@@ -140,10 +148,7 @@ def write_gguf(path, model, qtype, extra=None):
     reference[name] = torch.from_numpy(np.ascontiguousarray(roundtrip, np.float32))
   if extra is not None:
     extra(w)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  close(w)
   return reference
 
 
@@ -253,10 +258,7 @@ def test_sentencepiece_vocabulary_rebuilds_the_same_tokenizer(tmp_path):
   w.add_unk_token_id(0)
   w.add_bos_token_id(1)
   w.add_eos_token_id(2)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  close(w)
   tok = ggufio.tokenizer_from_gguf(ggufio._open(str(tmp_path / "v.gguf")), "v.gguf")
   assert tok.kind == "sentencepiece" and (tok.bos_id, tok.eos_id) == (1, 2)
   assert tok.vocab_size == original.get_piece_size()
