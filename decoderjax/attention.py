@@ -1,4 +1,5 @@
-"""Causal self-attention: masks, grouped-query attention kernels, and the attention layer."""
+"""Attention: masks, grouped-query attention kernels, the causal self-attention layer and the
+cross-attention layer."""
 
 from __future__ import annotations
 
@@ -153,11 +154,12 @@ def xla_attention(
   softcap: float | None = None,
   dropout: callable = None,
   scale: float | None = None,
+  causal: bool = True,
 ) -> Array:
   """Reference grouped-query attention in einsums; softmax in float32. Logits are scaled by
   `scale` (default H ** -0.5).
 
-  Self-attention over a whole sequence (T == S >= 4 x CAUSAL_BLOCK_MIN) runs by blocks of
+  Causal self-attention over a whole sequence (T == S >= 4 x CAUSAL_BLOCK_MIN) runs by blocks of
   queries, each over the keys up to its end: the mask is causal by slot, so the skipped scores
   are all masked. Blocks of T / 8 queries, at least 64, skip 3/8 of the score work and memory
   passes at T = 256 and 7/16 from T = 512 on, with at most 8 copies of the attention to compile.
@@ -167,7 +169,7 @@ def xla_attention(
   k = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * (h**-0.5 if scale is None else scale)
   c = max(CAUSAL_BLOCK_MIN, -(-t // CAUSAL_BLOCKS_MAX))
-  if t != k_BSKH.shape[1] or t < 4 * CAUSAL_BLOCK_MIN or dropout is not None:
+  if not causal or t != k_BSKH.shape[1] or t < 4 * CAUSAL_BLOCK_MIN or dropout is not None:
     out_BTKGH = _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, softcap, dropout)
   else:
     blocks = [
@@ -265,10 +267,12 @@ def cached_attention(q_BTNH: Array, old_kv, new_kv, masks, cfg: ModelConfig) -> 
 
 
 class Attention(nn.Module):
-  """Multi-head / grouped-query self-attention with RoPE and an optional KV cache."""
+  """Multi-head / grouped-query self-attention with RoPE and an optional KV cache; `causal`
+  False (an encoder's): the mask alone says who sees whom, through the XLA kernel."""
 
   config: ModelConfig
   deterministic: bool = True
+  causal: bool = True
 
   @nn.compact
   def __call__(
@@ -285,27 +289,13 @@ class Attention(nn.Module):
     masks it is given are its own already)."""
     cfg = self.config
     dtype = dtype_of(cfg.dtype)
-    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
     x_BTD = x_BTD.astype(dtype)
-    bias = cfg.use_bias or cfg.qkv_bias
-    zeros = nn.initializers.zeros
-
-    def project(name, heads, axis):
-      y = projection(self, name, x_BTD, (d, heads, h), ("embed", axis, "head_dim"))  # BTD,DXH->BTXH
-      delta = lora(self, name, x_BTD, (d,), (heads, h), ("embed",), (axis, "head_dim"))
-      if delta is not None:
-        y += delta
-      if bias:
-        y += param(self, f"{name}_bias", (heads, h), (axis, "head_dim"), zeros).astype(dtype)[
-          None, None
-        ]
-      return y
-
     record_inputs(self, "in", x_BTD)  # of q
     record_inputs(self, "kv", x_BTD, sink=True)  # of k and v
-    q_BTNH = project("q", n, "q_heads")
-    k_BTKH = project("k", k, "kv_heads")
-    v_BTKH = project("v", k, "kv_heads")
+    q_BTNH = heads_in(self, "q", x_BTD, n, "q_heads")
+    k_BTKH = heads_in(self, "k", x_BTD, k, "kv_heads")
+    v_BTKH = heads_in(self, "v", x_BTD, k, "kv_heads")
     if cfg.qk_norm and cfg.qk_norm_scope == "head":  # each head's H dims, one shared scale
       q_BTNH = Norm(cfg, name="q_norm")(q_BTNH)
       k_BTKH = Norm(cfg, name="k_norm")(k_BTKH)
@@ -328,6 +318,8 @@ class Attention(nn.Module):
 
     dropout_active = cfg.attn_dropout > 0 and not self.deterministic
     impl = "cached" if kv is not None else resolve_impl(cfg, dropout_active, x_BTD.shape[1])
+    if not self.causal:
+      impl = "xla"
     if impl == "cached":  # mask_BTS is (earlier cache slots [B, T, S], new tokens [B, T, T])
       out_BTNH = cached_attention(q_BTNH, kv, (k_BTKH, v_BTKH), mask_BTS, cfg)
     elif impl == "splash":
@@ -341,20 +333,80 @@ class Attention(nn.Module):
       if dropout_active:
         dropout = nn.Dropout(cfg.attn_dropout, deterministic=False)
       out_BTNH = xla_attention(
-        q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg.attn_logit_softcap, dropout, cfg.query_scale
-      )
+        q_BTNH, k_BTKH, v_BTKH, mask_BTS, cfg.attn_logit_softcap, dropout, cfg.query_scale,
+        self.causal,
+      )  # fmt: skip
     else:
       out_BTNH = jax.nn.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None], scale=cfg.query_scale
       )
 
-    out_BTNH = out_BTNH.astype(dtype)
-    record_inputs(self, "o", out_BTNH, 2)
-    o_axes = ("q_heads", "head_dim", "embed")
-    y_BTD = projection(self, "o", out_BTNH, (n, h, d), o_axes, 2, output_init(cfg))  # BTNH,NHD->BTD
-    delta = lora(self, "o", out_BTNH, (n, h), (d,), ("q_heads", "head_dim"), ("embed",))
-    if delta is not None:
-      y_BTD += delta
-    if cfg.use_bias:
-      y_BTD += param(self, "o_bias", (d,), ("embed",), zeros).astype(dtype)[None, None]
-    return y_BTD, new_kv
+    return heads_out(self, out_BTNH), new_kv
+
+
+def heads_in(module: nn.Module, name: str, x_BTD: Array, heads: int, axis: str) -> Array:
+  """x's projection `name` to [B, T, heads, H] (its LoRA update and bias added where the model
+  has them), a parameter of `module`."""
+  cfg = module.config
+  dtype = dtype_of(cfg.dtype)
+  d, h = cfg.embed_dim, cfg.head_size
+  y = projection(module, name, x_BTD, (d, heads, h), ("embed", axis, "head_dim"))  # BTD,DXH->BTXH
+  delta = lora(module, name, x_BTD, (d,), (heads, h), ("embed",), (axis, "head_dim"))
+  if delta is not None:
+    y += delta
+  if cfg.use_bias or cfg.qkv_bias:
+    zeros = nn.initializers.zeros
+    y += param(module, f"{name}_bias", (heads, h), (axis, "head_dim"), zeros).astype(dtype)[
+      None, None
+    ]
+  return y
+
+
+def heads_out(module: nn.Module, out_BTNH: Array) -> Array:
+  """The heads' outputs projected back to the width by `module`'s `o` (LoRA and bias too)."""
+  cfg = module.config
+  dtype = dtype_of(cfg.dtype)
+  n, h, d = cfg.num_heads, cfg.head_size, cfg.embed_dim
+  out_BTNH = out_BTNH.astype(dtype)
+  record_inputs(module, "o", out_BTNH, 2)
+  o_axes = ("q_heads", "head_dim", "embed")
+  y_BTD = projection(module, "o", out_BTNH, (n, h, d), o_axes, 2, output_init(cfg))  # BTNH,NHD->BTD
+  delta = lora(module, "o", out_BTNH, (n, h), (d,), ("q_heads", "head_dim"), ("embed",))
+  if delta is not None:
+    y_BTD += delta
+  if cfg.use_bias:
+    y_BTD += param(module, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dtype)[
+      None, None
+    ]
+  return y_BTD
+
+
+class CrossAttention(nn.Module):
+  """Attention of the tokens to a memory (an encoder's states, [B, M, D]): queries from the
+  tokens, keys and values from the memory, nothing rotated or causal
+  (torch.nn.MultiheadAttention's, as TransformerDecoderLayer uses it)."""
+
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, memory_BMD: Array, memory_mask_BM: Array) -> Array:
+    """`memory_mask_BM` marks the memory's real slots; a row with none attends to all (its
+    outputs are padding, and a softmax over nothing is undefined)."""
+    cfg = self.config
+    dtype = dtype_of(cfg.dtype)
+    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
+    x_BTD, memory_BMD = x_BTD.astype(dtype), memory_BMD.astype(dtype)
+    q_BTNH = heads_in(self, "q", x_BTD, n, "q_heads")
+    k_BMKH = heads_in(self, "k", memory_BMD, k, "kv_heads")
+    v_BMKH = heads_in(self, "v", memory_BMD, k, "kv_heads")
+    b, t = x_BTD.shape[:2]
+    seen_BM = memory_mask_BM.astype(bool)
+    seen_BM |= ~jnp.any(seen_BM, axis=1, keepdims=True)
+    mask_BTM = jnp.broadcast_to(seen_BM[:, None, :], (b, t, seen_BM.shape[1]))
+    dropout = None
+    if cfg.attn_dropout > 0 and not self.deterministic:
+      dropout = nn.Dropout(cfg.attn_dropout, deterministic=False)
+    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * cfg.query_scale
+    out_BTKGH = _attend(q_BTKGH, k_BMKH, v_BMKH, mask_BTM, cfg.attn_logit_softcap, dropout)
+    return heads_out(self, out_BTKGH.reshape(b, t, n, h))

@@ -32,6 +32,9 @@ class KVCache:
   index: Array  # [] int32 next slot to write, or [B] one per row (continuous batching)
   k_scale: Array | tuple[Array, ...] | None = None  # [L, B, K, S] or L x [B, K, S]; int8 only
   v_scale: Array | tuple[Array, ...] | None = None
+  # A cross-attention model's memory [B, M, D] and its mask [B, M], kept by the first call.
+  memory: Array | None = None
+  memory_mask: Array | None = None
 
   @property
   def length(self) -> int:
@@ -86,6 +89,8 @@ class KVCache:
       segment=write(self.segment, segment_BT, -1),
       position=write(self.position, positions_BT, -1),
       index=index + segment_BT.shape[1],
+      memory=self.memory,
+      memory_mask=self.memory_mask,
       **scales,
     )
 

@@ -12,10 +12,11 @@ KV_CACHES = ("auto", "int8")
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm")
 # Where a layer's norms sit around attention and the MLP: "pre" x + f(norm(x)); "post"
-# x + norm(f(x)) (OLMo 2); "both" x + norm(f(norm(x))) (Gemma 2 and 3).
-NORM_PLACEMENTS = ("pre", "post", "both")
+# x + norm(f(x)) (OLMo 2); "both" x + norm(f(norm(x))) (Gemma 2 and 3); "post_ln" norm(x + f(x))
+# (the original Transformer's, torch.nn.TransformerDecoderLayer's default).
+NORM_PLACEMENTS = ("pre", "post", "both", "post_ln")
 QK_NORM_SCOPES = ("head", "all")  # each head's H dims (Qwen3, Gemma 3), or all N x H (OLMo 2)
-MLPS = ("gelu", "swiglu", "geglu")
+MLPS = ("gelu", "swiglu", "geglu", "relu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention", "splash")
@@ -78,6 +79,11 @@ class ModelConfig:
   global_every: int = 0
   local_rope_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3); None: same
   attn_scale: float | None = None  # multiplies attention logits; None: head_size ** -0.5
+  # Each layer also attends to a memory (an encoder's states), between self-attention and the
+  # MLP; `encoder_layers` bidirectional layers make that memory from source tokens (0: the
+  # source tokens' embeddings are the memory).
+  cross_attention: bool = False
+  encoder_layers: int = 0
   embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(embed_dim)
   attn_logit_softcap: float | None = None  # Gemma-2: tanh soft-capping of attention logits
   final_logit_softcap: float | None = None  # Gemma-2: tanh soft-capping of output logits
@@ -150,6 +156,14 @@ class ModelConfig:
       fail("global_every", "alternates sliding and global layers: set sliding_window too")
     if self.local_rope_theta is not None and not self.global_every:
       fail("local_rope_theta", "is the sliding layers' RoPE base: set global_every too")
+    if not isinstance(self.encoder_layers, int) or self.encoder_layers < 0:
+      fail("encoder_layers", f"must be a non-negative integer, got {self.encoder_layers!r}")
+    if self.encoder_layers and not self.cross_attention:
+      fail("encoder_layers", "encode a memory for cross-attention: set cross_attention=True")
+    if self.cross_attention and (self.prompt_tokens or self.num_labels):
+      fail("cross_attention", "does not combine with a soft prompt or a classifier head")
+    if self.cross_attention and self.position == "learned":
+      fail("position", "a cross-attention model takes sinusoidal, rope or no positions")
     if self.attn_scale is not None and self.attn_scale <= 0:
       fail("attn_scale", f"must be positive, got {self.attn_scale}")
     for field in ("embed_dropout", "attn_dropout", "resid_dropout"):
@@ -170,8 +184,9 @@ class ModelConfig:
       unknown = sorted(set(self.lora_target_set) - set(LORA_MODULES))
       if unknown or not self.lora_target_set:
         fail("lora_targets", f"{unknown or 'none'} match no module; choose from {LORA_MODULES}")
-      if self.mlp == "gelu" and "gate" in self.lora_target_set:
-        fail("lora_targets", "'gate' matches no module: a GELU MLP has no gate projection")
+      if not self.gated_mlp and "gate" in self.lora_target_set:
+        kind = {"gelu": "GELU", "relu": "ReLU"}[self.mlp]
+        fail("lora_targets", f"'gate' matches no module: a {kind} MLP has no gate projection")
     if self.quant == "int4" and (self.quant_group <= 0 or self.quant_group % 2):
       fail("quant_group", f"int4 needs a positive even group size, got {self.quant_group}")
     if self.pruning != "none":
@@ -199,6 +214,11 @@ class ModelConfig:
   @property
   def lora_target_set(self) -> tuple[str, ...]:
     return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+  @property
+  def gated_mlp(self) -> bool:
+    """Whether the MLP has a gate projection (SwiGLU, GeGLU)."""
+    return self.mlp in ("swiglu", "geglu")
 
   @property
   def head_size(self) -> int:

@@ -142,6 +142,7 @@ def export_hf(source: str, output: str) -> None:
     "a classifier": cfg.num_labels,
     "a prompt-tuned model": cfg.prompt_tokens,
     f"an {cfg.quant} model (export the float model it was quantized from)": cfg.quant != "none",
+    "a cross-attention (seq2seq) model": cfg.cross_attention,
   }
   for kind, applies in unexportable.items():
     if applies:

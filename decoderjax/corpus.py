@@ -69,6 +69,15 @@ def place(staging: str, target: str) -> None:
       raise
 
 
+def shakespeare_texts() -> list[str]:
+  """The works' texts, one string a work."""
+  texts = []
+  for path in shakespeare_files():
+    with open(path, encoding="utf-8") as f:
+      texts.append(f.read())
+  return texts
+
+
 def shakespeare_files() -> list[str]:
   """Paths of the cached texts (one file per work, modern-spelling Gutenberg editions)."""
   target = cache_dir()

@@ -219,6 +219,8 @@ class Engine:
 
   def __init__(self, model, slots: int = 8, max_len: int = 0, mesh=None, queue_size: int = 64):
     cfg = model.config
+    if cfg.cross_attention:
+      raise ValueError("the engine serves decoder-only models, not cross-attention (seq2seq) ones")
     self.model, self.cfg, self.mesh, self.slots = model, cfg, mesh, slots
     self.max_len = max_len or cfg.text_len
     if not 1 <= self.max_len <= cfg.text_len:

@@ -9,6 +9,8 @@ and bits per byte.
 the completion tokens; with --generate, greedy completions of every prompt too, scored against
 the record's answer (exact match, ROUGE-L, BLEU, chrF) with the generation speed.
 --data_path with a classifier ({"text", "label"}): accuracy, macro-F1, examples, mean loss.
+--data_path with a cross-attention (seq2seq) model ({"source", "target"}): the loss over the
+target tokens and EOS; with --generate, greedy targets from each source, scored likewise.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from decoderjax.steps import LossConfig, eval_step
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "Plain-text file to score.")
 _DATA_PATH = flags.DEFINE_string(
-  "data_path", None, "Records to score: classification {text, label} or SFT {prompt, completion}."
+  "data_path",
+  None,
+  "Records to score: classification {text, label}, SFT {prompt, completion}, seq2seq "
+  "{source, target}.",
 )
 _SEQ_LEN = flags.DEFINE_integer(
   "seq_len", 0, "Window / row length (0: the training data.seq_len, else max_seq_len)."
@@ -97,21 +102,29 @@ def score_text(model, path: str, seq_len: int, mesh) -> dict:
 
 
 def score_generations(model, records, fields, mesh) -> dict:
-  """Greedy answers to every record's prompt against its reference, and the speed."""
-  template = model.generation.get("chat_template")
-  where = [f"{p}:{n}" for p, n, _ in records]
-  pairs = [tasks.generation_example(r, model.tokenizer, fields, template, w)
-           for w, (_, _, r) in zip(where, records, strict=True)]  # fmt: skip
-  prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-  max_new = _MAX_NEW.value or 1 + max(len(model.tokenizer.encode(r)) for r in references)
+  """Greedy answers to every record's prompt (a seq2seq model: source) against its reference,
+  and the speed."""
+  tok, where = model.tokenizer, [f"{p}:{n}" for p, n, _ in records]
+  sources = None
+  if model.config.cross_attention:
+    pairs = [[tok.encode(tasks.record_text(r, f, w)) for f in tasks.SEQ2SEQ_FIELDS]
+             for w, (_, _, r) in zip(where, records, strict=True)]  # fmt: skip
+    sources, references = [s for s, _ in pairs], [tok.decode(t) for _, t in pairs]
+    prompts = [[tasks.start_id(tok)] for _ in records]
+  else:
+    template = model.generation.get("chat_template")
+    pairs = [tasks.generation_example(r, tok, fields, template, w)
+             for w, (_, _, r) in zip(where, records, strict=True)]  # fmt: skip
+    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+  max_new = _MAX_NEW.value or 1 + max(len(tok.encode(r)) for r in references)
   prompts, cut = generator.fit_prompts(prompts, model.config.text_len, max_new)
   if cut:
     print(f"note: {cut} prompt(s) lose their start (left truncation)", file=sys.stderr)
   sampling = generator.sampling_config({}, temperature=0.0)
-  stops = generator.stop_ids(model.tokenizer, model.generation)
+  stops = generator.stop_ids(tok, model.generation)
   gen = generator.Generator(model, generator.GenerateConfig(max_new, sampling, stops), mesh)
   bar = Progress(len(prompts), "generate", "answers")
-  results, t = gen.batched(prompts, _BATCH.value, bar.advance)
+  results, t = gen.batched(prompts, _BATCH.value, bar.advance, sources)
   bar.close()
   predictions = [r["text"] for r in results]
   if _PREDICTIONS.value:
@@ -143,6 +156,8 @@ def check_flags(model) -> None:
       raise ValueError(f"{name} does not apply to this evaluation")
   if model.config.num_labels and _DATA_PATH.value is None:
     raise ValueError(f"{_CHECKPOINT.value} is a classifier: give --data_path=RECORDS")
+  if model.config.cross_attention and _DATA_PATH.value is None:
+    raise ValueError(f"{_CHECKPOINT.value} is a seq2seq model: give --data_path={{source, target}}")
 
 
 def main(argv):
@@ -158,6 +173,12 @@ def main(argv):
     records = tasks.read_records(_DATA_PATH.value)
     rows = tasks.classify_rows(records, tok, fields, seq_len, model.labels)
     result = score(model, rows, mesh)
+  elif model.config.cross_attention:
+    records = tasks.read_records(_DATA_PATH.value)
+    rows, _ = tasks.seq2seq_rows(records, tok, seq_len)
+    result = {**score(model, rows, mesh), "examples": len(records)}
+    if _GENERATE.value:
+      result.update(score_generations(model, records, fields, mesh))
   else:
     records = tasks.read_records(_DATA_PATH.value)
     template = model.generation.get("chat_template")

@@ -2,6 +2,8 @@
 
 Sampling defaults come from the model directory's generation.json; flags override them. One
 prompt streams to the terminal as it is produced; --interactive reads prompts from stdin.
+A cross-attention (seq2seq) model generates from --source=TEXT (its target starts from the start
+token, then the optional --prompt); --interactive then reads sources.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ _PROMPT_FILE = flags.DEFINE_string(
   "prompt_file", None, "One prompt per line, or JSONL with a 'prompt' field."
 )
 _PROMPT_TOKENS = flags.DEFINE_string("prompt_tokens", None, "Raw token ids: 1,2,3.")
+_SOURCE = flags.DEFINE_multi_string(
+  "source", None, "A cross-attention model's source text; repeat for a batch."
+)
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt in the model's chat template.")
 _INTERACTIVE = flags.DEFINE_bool(
   "interactive", False, "A prompt loop on stdin (with --chat: a chat)."
@@ -138,25 +143,49 @@ def main(argv):
   if _CHAT.value and not template:
     raise ValueError(f"{_CHECKPOINT.value} has no chat template (generation.json)")
   template = template if _CHAT.value else None
+  seq2seq = model.config.cross_attention
+  if _SOURCE.value and not seq2seq:
+    raise ValueError("--source is for a cross-attention model (cross_attention=True)")
   if _INTERACTIVE.value:
-    return interactive(generator, tok, template)
-  prompts, encoded = encode_prompts(tok, template)
+    return interactive(generator, tok, template, seq2seq)
+  if seq2seq:
+    prompts, encoded, sources = encode_sources(tok)
+  else:
+    (prompts, encoded), sources = encode_prompts(tok, template), None
   streaming = _STREAM.value and len(prompts) == 1 and _NUM_BEAMS.value == 1
   if streaming:
     write_out(prompts[0])
-  results, timings = generator(encoded, write_out if streaming else None)
+  results, timings = generator(encoded, write_out if streaming else None, sources=sources)
   for prompt, result in zip(prompts, results, strict=True):
     result["prompt"] = prompt
     print("" if streaming else prompt + result["text"], flush=True)
   print(report(timings), flush=True)
   if _OUTPUT_JSON.value:
-    cli.write_json(
-      _OUTPUT_JSON.value, [{k: r[k] for k in ("prompt", "text", "tokens")} for r in results]
-    )
+    keys = ("prompt", "text", "tokens")
+    records = [{k: r[k] for k in keys} for r in results]
+    for record, source in zip(records, _SOURCE.value or [], strict=False):
+      record["source"] = source
+    cli.write_json(_OUTPUT_JSON.value, records)
 
 
-def interactive(generator: Generator, tok, template: str | None) -> None:
-  """Reads a prompt per line until EOF (or an empty line); with a template, keeps the chat."""
+def encode_sources(tok) -> tuple[list[str], list[list[int]], list[list[int]]]:
+  """A seq2seq model's (prompts, targets' first tokens, sources): each --source, with the
+  --prompt of the same place (if any) after the start token."""
+  if not _SOURCE.value:
+    raise ValueError("a cross-attention model generates from a source: give --source=TEXT")
+  if _CHAT.value or _PROMPT_TOKENS.value or _PROMPT_FILE.value:
+    raise ValueError("a cross-attention model takes --source (and --prompt), not chats or files")
+  prompts = list(_PROMPT.value or [""] * len(_SOURCE.value))
+  if len(prompts) != len(_SOURCE.value):
+    raise ValueError(f"{len(_SOURCE.value)} --source for {len(prompts)} --prompt: give one each")
+  start = tasks.start_id(tok)
+  encoded = [[start, *tok.encode(p)] for p in prompts]
+  return prompts, encoded, [tok.encode(s) for s in _SOURCE.value]
+
+
+def interactive(generator: Generator, tok, template: str | None, seq2seq=False) -> None:
+  """Reads a prompt per line until EOF (or an empty line); with a template, keeps the chat; a
+  seq2seq model reads a source per line."""
   messages = []
   while True:
     sys.stdout.write("> ")
@@ -167,8 +196,11 @@ def interactive(generator: Generator, tok, template: str | None) -> None:
       return
     messages.append({"role": "user", "content": line.rstrip("\n")})
     text = tasks.render_chat(template, messages, tok) if template else line.rstrip("\n")
+    encoded, sources = [tok.encode(text)], None
+    if seq2seq:
+      encoded, sources = [[tasks.start_id(tok)]], encoded
     try:
-      results, timings = generator([tok.encode(text)], write_out if _STREAM.value else None)
+      results, timings = generator(encoded, write_out if _STREAM.value else None, sources=sources)
     except ValueError as e:  # e.g. the chat outgrew the context: say so, keep the loop
       print(f"error: {e}", flush=True)
       messages.pop()

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from decoderjax import beam, layout, modeldir, sampling, sharding
@@ -198,17 +199,21 @@ class Generator:
         f"model's context max_seq_len={cfg.max_seq_len}"
       )
 
-  def __call__(self, encoded: list[list[int]], stream=None, rng=None) -> tuple[list[dict], dict]:
+  def __call__(
+    self, encoded: list[list[int]], stream=None, rng=None, sources=None
+  ) -> tuple[list[dict], dict]:
     """Token lists -> ([{"text", "tokens"}], timings); `stream(text)` gets row 0 as it grows.
-    `rng` (a key) replaces the generator's own sequence of keys for this call."""
+    `rng` (a key) replaces the generator's own sequence of keys for this call. A
+    cross-attention model continues each row reading its source (`sources`: token lists)."""
     self.check_length(encoded)
+    source = self.source_arrays(sources, len(encoded))
     if rng is None:
       self.rng, rng = jax.random.split(self.rng)
     with sharding.activate(self.mesh):  # parameters sharded by their logical axes
       if self.config.num_beams > 1:
         new, timings = self._beams(encoded)
       else:
-        new, timings = self._sample(encoded, rng, stream)
+        new, timings = self._sample(encoded, rng, stream, source)
     results = []
     for row in new:
       text, _ = self.strings.text(row)
@@ -218,16 +223,40 @@ class Generator:
     timings["new_tokens"] = sum(map(len, new))
     return results, timings
 
-  def batched(self, encoded: list[list[int]], batch_size: int, progress=None):
-    """Many prompts, `batch_size` a call, longest first (a short last batch is filled with
-    copies, so each prompt bucket compiles once) -> (results in order, summed timings);
-    `progress(n)` hears of each batch."""
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+  def source_arrays(self, sources, rows: int) -> tuple:
+    """() for a decoder-only model; a cross-attention model's (source ids [B, M], mask [B, M]),
+    right-padded to a bucket length."""
+    cfg = self.model.config
+    if not cfg.cross_attention:
+      if sources is not None:
+        raise ValueError("sources are for a cross-attention model; this one continues prompts")
+      return ()
+    if sources is None or len(sources) != rows or any(not s for s in sources):
+      raise ValueError("a cross-attention model generates from a source: give one per prompt")
+    if self.config.num_beams > 1:
+      raise ValueError("beam search does not take sources: use num_beams=1")
+    longest = max(map(len, sources))
+    if longest > cfg.max_seq_len:
+      raise ValueError(f"a source of {longest} tokens, over max_seq_len={cfg.max_seq_len}")
+    m = sampling.bucket_length(longest, cfg.max_seq_len)
+    ids, mask = np.zeros((rows, m), np.int32), np.zeros((rows, m), np.int32)
+    for row, source in enumerate(sources):
+      ids[row, : len(source)], mask[row, : len(source)] = source, 1
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+  def batched(self, encoded: list[list[int]], batch_size: int, progress=None, sources=None):
+    """Many prompts (and a seq2seq model's sources), `batch_size` a call, longest first (a short
+    last batch is filled with copies, so each bucket compiles once) -> (results in order, summed
+    timings); `progress(n)` hears of each batch."""
+    length = lambda i: len(encoded[i]) if sources is None else len(sources[i])
+    order = sorted(range(len(encoded)), key=lambda i: -length(i))
     results, totals = [None] * len(encoded), {"compile_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
+    fill = lambda rows: rows + [rows[0]] * (batch_size - len(rows))
     for first in range(0, len(order), batch_size):
       chunk = order[first : first + batch_size]
       rows = [encoded[i] for i in chunk]
-      out, timings = self(rows + [rows[0]] * (batch_size - len(rows)))
+      some = None if sources is None else fill([sources[i] for i in chunk])
+      out, timings = self(fill(rows), sources=some)
       for i, result in zip(chunk, out, strict=False):
         results[i] = result
       for key in totals:
@@ -243,10 +272,11 @@ class Generator:
       contexts, sampling.bucket_length(max(map(len, contexts)), self.limit - steps)
     )
 
-  def _compile(self, tokens, mask, rng) -> float:
+  def _compile(self, tokens, mask, rng, source=()) -> float:
     """Compiles this shape's programs unless compiled already; returns the seconds it took.
     The cache holds what is left of the window after the prompt bucket."""
-    if tokens.shape in self.programs:
+    key = (tokens.shape, *(s.shape for s in source))
+    if key in self.programs:
       return 0.0
     start = time.perf_counter()
     c, params, cfg = self.config, self.model.params, self.model.config
@@ -255,10 +285,10 @@ class Generator:
       stop = sampling.stop_array(c.stop_ids)
       args = (max_new, c.num_beams, c.length_penalty, c.early_stopping)
       program = beam.beam_search.lower(params, cfg, tokens, mask, stop, *args).compile()
-      self.programs[tokens.shape] = lambda params, tokens, mask: program(params, tokens, mask, stop)
+      self.programs[key] = lambda params, tokens, mask: program(params, tokens, mask, stop)
     else:
-      self.programs[tokens.shape] = sampling.compile_programs(
-        params, cfg, tokens, mask, rng, max_new, c.sampling, c.stop_ids
+      self.programs[key] = sampling.compile_programs(
+        params, cfg, tokens, mask, rng, max_new, c.sampling, c.stop_ids, source
       )
     return time.perf_counter() - start
 
@@ -267,14 +297,14 @@ class Generator:
     timings = {"compile_s": self._compile(tokens, mask, None), "prefill_s": 0.0}
     start = time.perf_counter()
     out, lengths, _ = jax.block_until_ready(
-      self.programs[tokens.shape](self.model.params, tokens, mask)
+      self.programs[(tokens.shape,)](self.model.params, tokens, mask)
     )
     out, lengths = np.asarray(out), np.asarray(lengths)
     timings.update(decode_s=time.perf_counter() - start, windows=1)
     timings.update(prompt_tokens=int(mask.sum()), steps=int(lengths.max()))
     return [[int(t) for t in row[:n]] for row, n in zip(out, lengths, strict=True)], timings
 
-  def _sample(self, encoded, rng, stream):
+  def _sample(self, encoded, rng, stream, source=()):
     """Decodes window after window until every row stopped or has max_new_tokens."""
     c, rows = self.config, len(encoded)
     texts, new, starts = [list(e) for e in encoded], [[] for _ in encoded], [0] * rows
@@ -293,7 +323,7 @@ class Generator:
       tokens, mask = self._padded(contexts, steps)
       key = rng if not timings["windows"] else jax.random.fold_in(rng, timings["windows"])
       watch.window(active.copy(), [list(n) for n in new])
-      out, lengths = self._window(tokens, mask, key, steps, watch, timings)
+      out, lengths = self._window(tokens, mask, key, steps, watch, timings, source)
       for row in np.flatnonzero(active):
         made = [int(t) for t in out[row, : lengths[row]]]
         new[row] += made
@@ -308,13 +338,13 @@ class Generator:
       stream(text[watch.printed :])
     return new, timings
 
-  def _window(self, tokens, mask, rng, steps, watch, timings):
+  def _window(self, tokens, mask, rng, steps, watch, timings, source=()):
     """One window: prefill, then `steps` decode steps -> (new tokens [B, N], lengths [B])."""
-    timings["compile_s"] += self._compile(tokens, mask, rng)
-    prefill_fn, decode_fn = self.programs[tokens.shape]
+    timings["compile_s"] += self._compile(tokens, mask, rng, source)
+    prefill_fn, decode_fn = self.programs[(tokens.shape, *(s.shape for s in source))]
     watching = watch.stream is not None or self.strings.stops
     start = time.perf_counter()
-    state = jax.block_until_ready(prefill_fn(self.model.params, tokens, mask, rng))
+    state = jax.block_until_ready(prefill_fn(self.model.params, tokens, mask, rng, *source))
     timings["prefill_s"] += time.perf_counter() - start
     start = time.perf_counter()
     out, lengths = sampling.run_decode(

@@ -57,6 +57,8 @@ class DecoderJaxLM(TemplateLM):
     cfg.replace(kv_cache=kv_cache)  # checked now, used from the first generate_until
     if cfg.num_labels:
       raise ValueError(f"{checkpoint} is a classifier: it has no next-token likelihoods")
+    if cfg.cross_attention:
+      raise ValueError(f"{checkpoint} is a seq2seq model: its likelihoods need a source")
     if int(max_length or 0) > cfg.text_len:
       raise ValueError(f"max_length={max_length} exceeds the model's room of {cfg.text_len}")
     self._max_length = int(max_length or cfg.text_len)

@@ -254,7 +254,8 @@ def sinusoidal_positions(positions_BT: Array, dim: int) -> Array:
 
 
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2) or gated SwiGLU / GeGLU (Llama / Gemma)."""
+  """GELU (GPT-2) or ReLU (the original Transformer) MLP, or gated SwiGLU / GeGLU (Llama /
+  Gemma)."""
 
   config: ModelConfig
   deterministic: bool = True
@@ -280,6 +281,8 @@ class Mlp(nn.Module):
       ]
     if cfg.mlp == "gelu":
       h_BTF = nn.gelu(h_BTF, approximate=True)
+    elif cfg.mlp == "relu":
+      h_BTF = nn.relu(h_BTF)
     else:
       g_BTF = project("gate", x_BTD, (d, f), "embed", "mlp")  # BTD,DF->BTF
       act = nn.silu if cfg.mlp == "swiglu" else lambda g: nn.gelu(g, approximate=True)

@@ -23,7 +23,7 @@ def matmul_params(cfg: ModelConfig) -> int:
   """Parameters of the model's matrices (projections, MLP, embedding / head), from the config."""
   d, h = cfg.embed_dim, cfg.head_size
   attn = d * h * (2 * cfg.num_heads + 2 * cfg.kv_heads)
-  mlp = (3 if cfg.mlp != "gelu" else 2) * d * cfg.mlp_dim
+  mlp = (3 if cfg.gated_mlp else 2) * d * cfg.mlp_dim
   return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from decoderjax import layout
-from decoderjax.attention import Attention, attention_mask, resolve_impl
+from decoderjax.attention import Attention, CrossAttention, attention_mask, resolve_impl
 from decoderjax.cache import KVCache
 from decoderjax.config import ModelConfig
 from decoderjax.layers import (
@@ -73,29 +73,43 @@ def layer_masks(masks, sliding):
 
 
 class Block(nn.Module):
-  """A transformer layer: attention, then the MLP, each added to the residual stream with its
-  norms placed as `norm_placement` says (pre: x + f(Norm(x)); post: x + Norm(f(x)); both)."""
+  """A transformer layer: attention, cross-attention to a memory (`cross_attention` models),
+  then the MLP, each added to the residual stream with its norms placed as `norm_placement`
+  says (pre: x + f(Norm(x)); post: x + Norm(f(x)); both; post_ln: Norm(x + f(x))). `causal`
+  False: an encoder layer, whose tokens see the whole (unpadded) row."""
 
   config: ModelConfig
   deterministic: bool = True
+  causal: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv=None, segment_ids_BT=None, sliding=None):
+  def __call__(
+    self, x_BTD, positions_BT, mask_BTS, kv=None, segment_ids_BT=None, sliding=None, memory=None
+  ):
+    """`memory`: (memory [B, M, D], its mask [B, M]) of a cross-attention model."""
     cfg = self.config
     pre, post = cfg.norm_placement in ("pre", "both"), cfg.norm_placement in ("post", "both")
+    dropout = lambda h_BTD: nn.Dropout(cfg.resid_dropout)(h_BTD, self.deterministic)
 
     def residual(name, f, x_BTD):
+      if cfg.norm_placement == "post_ln":
+        h_BTD, extra = f(x_BTD)
+        return Norm(cfg, name=f"{name}_norm")(x_BTD + dropout(h_BTD)), extra
       h_BTD, extra = f(Norm(cfg, name=f"{name}_norm")(x_BTD) if pre else x_BTD)
       if post:
         h_BTD = Norm(cfg, name=f"{name}_post_norm")(h_BTD)
-      return x_BTD + nn.Dropout(cfg.resid_dropout)(h_BTD, self.deterministic), extra
+      return x_BTD + dropout(h_BTD), extra
 
     with jax.named_scope("attention"):
-      attn = Attention(cfg, self.deterministic, name="attn")
+      attn = Attention(cfg, self.deterministic, self.causal, name="attn")
       mask_BTS = layer_masks(mask_BTS, sliding)
       x_BTD, new_kv = residual(
         "attn", lambda h: attn(h, positions_BT, mask_BTS, kv, segment_ids_BT, sliding), x_BTD
       )
+    if cfg.cross_attention:
+      with jax.named_scope("cross_attention"):
+        cross = CrossAttention(cfg, self.deterministic, name="cross")
+        x_BTD, _ = residual("cross", lambda h: (cross(h, *memory), None), x_BTD)
     with jax.named_scope("mlp"):
       mlp = Mlp(cfg, self.deterministic, name="mlp")
       x_BTD, _ = residual("mlp", lambda h: (mlp(h), None), x_BTD)
@@ -124,6 +138,9 @@ class Decoder(nn.Module):
     start: bool = False,
     embed_delta_BTD: Array | None = None,
     logits_at_BN: Array | None = None,
+    source_BM: Array | None = None,
+    memory_BMD: Array | None = None,
+    memory_mask_BM: Array | None = None,
   ):
     """Returns (logits [B, T, V] float32, updated cache or None).
 
@@ -136,6 +153,9 @@ class Decoder(nn.Module):
     `return_hidden` returns final hidden states instead of logits; `embed_delta_BTD` is added to
     the token embeddings (adversarial training). A classifier (`num_labels`) returns class
     logits [B, T, C] at every position.
+    A `cross_attention` model attends to `memory_BMD` ([B, M, D], an encoder's states), or to
+    the encoding of the source token ids `source_BM` (`encode`); `memory_mask_BM` marks either's
+    real slots (default: all). A cache's first call keeps the memory for the calls after it.
     """
     cfg = self.config
     b, t = tokens_BT.shape
@@ -161,14 +181,17 @@ class Decoder(nn.Module):
         segment_ids_BT.astype(jnp.int32),
         positions_BT.astype(jnp.int32),
       )
+    memory = self.memory(source_BM, memory_BMD, memory_mask_BM, cache, deterministic, embedding)
     mask_BTS, kv = self.masks(segment_ids_BT, positions_BT, cache, start, prepend, deterministic)
     x_BTD, new_kv = self.run_layers(
-      x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, deterministic
+      x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, deterministic, memory
     )
     x_BTD = Norm(cfg, name="final_norm")(x_BTD)
     new_cache = None
     if cache is not None:
       new_cache = cache.written(new_kv, segment_ids_BT, positions_BT)
+      if memory is not None:
+        new_cache = new_cache.replace(memory=memory[0], memory_mask=memory[1])
     if prepend:  # outputs of the text tokens only
       x_BTD = x_BTD[:, p:]
     if logits_at_BN is not None:
@@ -178,19 +201,21 @@ class Decoder(nn.Module):
     return self.head(x_BTD, embedding, decoding=cache is not None), new_cache
 
   def embed(
-    self, tokens_BT, positions_BT, segment_ids_BT, embed_delta_BTD, prepend, cache, deterministic
-  ):
+    self, tokens_BT, positions_BT, segment_ids_BT, embed_delta_BTD, prepend, cache, deterministic,
+    embedding=None,
+  ):  # fmt: skip
     """Token (and position) embeddings, with the soft prompt in front when `prepend`.
 
     Returns (x [B, T', D], positions, segment ids, the stored table for a tied head); T' counts
-    the soft prompt's slots.
+    the soft prompt's slots. `embedding`: the stored table, when a call made it already.
     """
     cfg = self.config
     dtype = dtype_of(cfg.dtype)
     b = tokens_BT.shape[0]
     p = cfg.prompt_tokens
     table_shape = (cfg.vocab_size, cfg.embed_dim)
-    embedding = stored(self, "embedding", table_shape, ("vocab", "embed"))
+    if embedding is None:
+      embedding = stored(self, "embedding", table_shape, ("vocab", "embed"))
     x_BTD = materialize(cfg, "embedding", embedding, table_shape, rows=tokens_BT)
     if cfg.embed_scale:
       x_BTD *= jnp.asarray(cfg.embed_dim**0.5, dtype)
@@ -219,6 +244,51 @@ class Decoder(nn.Module):
     x_BTD = nn.Dropout(cfg.embed_dropout)(x_BTD, deterministic=deterministic)
     x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
     return x_BTD, positions_BT, segment_ids_BT, embedding
+
+  def memory(self, source_BM, memory_BMD, memory_mask_BM, cache, deterministic, embedding):
+    """(memory [B, M, D], its mask [B, M] bool) that a cross-attention model's layers read, or
+    None for a model without cross-attention."""
+    cfg = self.config
+    if not cfg.cross_attention:
+      if source_BM is not None or memory_BMD is not None:
+        raise ValueError("a source or memory for a model without cross_attention")
+      return None
+    if source_BM is not None:
+      if memory_BMD is not None:
+        raise ValueError("give the source tokens or the memory, not both")
+      memory_BMD = self.encode(source_BM, memory_mask_BM, deterministic, embedding)
+    elif memory_BMD is None and cache is not None and cache.memory is not None:
+      memory_BMD, memory_mask_BM = cache.memory, cache.memory_mask
+    if memory_BMD is None:
+      raise ValueError("a cross_attention model attends to a memory: give source_BM or memory_BMD")
+    if memory_BMD.shape[-1] != cfg.embed_dim:
+      raise ValueError(f"memory width {memory_BMD.shape[-1]} is not embed_dim={cfg.embed_dim}")
+    if memory_mask_BM is None:
+      memory_mask_BM = jnp.ones(memory_BMD.shape[:2], bool)
+    return memory_BMD, memory_mask_BM.astype(bool)
+
+  def encode(self, source_BM, mask_BM, deterministic, embedding):
+    """Source token ids [B, M] -> the memory [B, M, D]: their embeddings (the decoder's table,
+    `embedding`, scaled and positioned as the decoder's tokens are), then `encoder_layers`
+    bidirectional layers over the real tokens (`mask_BM`) and a norm."""
+    cfg = self.config
+    b, m = source_BM.shape
+    if m > cfg.max_seq_len:
+      raise ValueError(f"source length {m} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+    if mask_BM is None:
+      mask_BM = jnp.ones((b, m), bool)
+    positions_BM = jnp.broadcast_to(jnp.arange(m), (b, m))
+    segment_ids_BM = mask_BM.astype(jnp.int32)
+    args = (positions_BM, segment_ids_BM, None, False, None, deterministic, embedding)
+    x_BMD, *_ = self.embed(source_BM, *args)
+    if not cfg.encoder_layers:
+      return x_BMD
+    encoder_cfg = encoder_config(cfg)
+    mask_BMM = jnp.broadcast_to(mask_BM.astype(bool)[:, None, :], (b, m, m))
+    for i in range(cfg.encoder_layers):
+      block = Block(encoder_cfg, deterministic, causal=False, name=f"encoder_{i}")
+      x_BMD, _ = block(x_BMD, positions_BM, mask_BMM, None, segment_ids_BM)
+    return Norm(cfg, name="encoder_norm")(x_BMD)
 
   def masks(self, segment_ids_BT, positions_BT, cache, start, prepend, deterministic):
     """(the attention mask, the cache's per-layer keys and values or None).
@@ -261,7 +331,7 @@ class Decoder(nn.Module):
     )
     return masks, None if cache is None else cache.layers
 
-  def run_layers(self, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, deterministic):
+  def run_layers(self, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, deterministic, memory):
     """The layers, scanned, switched (cached CPU inference of a per-layer model) or unrolled.
     Returns (x, the new tokens' keys and values stacked over L, or None without a cache)."""
     cfg = self.config
@@ -274,13 +344,13 @@ class Decoder(nn.Module):
         block,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       sliding_L = jnp.asarray(sliding) if cfg.layer_pattern else None
       return stack(cfg, deterministic, name="layers")(
-        x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding_L
+        x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding_L, memory
       )
     if (
       kv is not None
@@ -289,12 +359,12 @@ class Decoder(nn.Module):
       and jax.default_backend() in SWITCH_LAYERS_BACKENDS
     ):
       layers = [self.variables["params"][f"layers_{i}"] for i in range(cfg.num_layers)]
-      return switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT)
+      return switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, memory)
     new_layers = []
     for i in range(cfg.num_layers):
       layer_kv = None if kv is None else kv[i]
       x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(
-        x_BTD, positions_BT, mask_BTS, layer_kv, segment_ids_BT, sliding[i]
+        x_BTD, positions_BT, mask_BTS, layer_kv, segment_ids_BT, sliding[i], memory
       )
       new_layers.append(layer_kv)
     return x_BTD, None if kv is None else jax.tree.map(lambda *z: jnp.stack(z), *new_layers)
@@ -333,15 +403,26 @@ class Decoder(nn.Module):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7))
-def _inference_block(cfg, params, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding):
+def _inference_block(
+  cfg, params, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding, memory
+):  # fmt: skip
   """One layer's inference call, jitted so that L calls with equal shapes trace it once (twice
   when sliding and global layers alternate)."""
   return Block(cfg).apply(
-    {"params": params}, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding
+    {"params": params}, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding, memory
   )
 
 
-def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT):
+def encoder_config(cfg: ModelConfig) -> ModelConfig:
+  """The config of a cross-attention model's encoder layers: the decoder's, without
+  cross-attention, sliding windows or the generation layout (encoder weights stay as stored)."""
+  return cfg.replace(
+    cross_attention=False, encoder_layers=0, sliding_window=None, global_every=0,
+    local_rope_theta=None, weights_out_in=False,
+  )  # fmt: skip
+
+
+def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, memory=None):
   """Inference layers as a loop whose step i runs layer i's own weights (`lax.switch` over L
   branches): one compiled layer body per layer, scheduled like a scan's, and no slicing of
   stacked weights. `kv` holds one cache tree per layer. Returns (x, the new tokens' keys and
@@ -350,7 +431,7 @@ def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_
   def run(i, layers, x_BTD, kv):
     sliding = cfg.sliding_layer(i) if cfg.layer_pattern else None
     return _inference_block(
-      cfg, layers[i], x_BTD, positions_BT, mask_BTS, kv[i], segment_ids_BT, sliding
+      cfg, layers[i], x_BTD, positions_BT, mask_BTS, kv[i], segment_ids_BT, sliding, memory
     )
 
   branches = [functools.partial(run, i) for i in range(cfg.num_layers)]
@@ -368,7 +449,9 @@ def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_
 
 def init_params(cfg: ModelConfig, rng) -> dict:
   """The model's (boxed: with logical axes) parameters, initialized from `rng`."""
-  return Decoder(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  source = tokens if cfg.cross_attention else None  # a cross-attention model's encoder too
+  return Decoder(cfg).init(rng, tokens, source_BM=source)["params"]
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

@@ -67,8 +67,10 @@ def export_peft(source: str, output: str) -> None:
   base_meta = modeldir.read_metadata(meta["base"])
   _check_architecture({**base_meta, "model": meta["model"]}, source)
   cfg = meta["model"]
-  if cfg.num_labels or cfg.prompt_tokens:
-    raise ValueError(f"{source}: a classifier or prompt-tuned model has no peft LoRA form")
+  if cfg.num_labels or cfg.prompt_tokens or cfg.cross_attention:
+    raise ValueError(
+      f"{source}: a classifier, prompt-tuned or cross-attention model has no peft LoRA form"
+    )
   params = modeldir.load_model_dir(source, merge_lora=False).params
   layers = _per_layer(adapters.split_trainable(params, "lora")[0], cfg)
   tensors, r = {}, cfg.lora_rank

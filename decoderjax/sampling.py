@@ -170,9 +170,11 @@ def prompt_positions(mask_BT: Array) -> Array:
 
 
 def cached_forward(
-  params, cfg, tokens_BT, positions_BT, segments_BT, cache, start=False, logits_at_BN=None
-):
-  """The model over `cache` -> (logits, the cache with these tokens written)."""
+  params, cfg, tokens_BT, positions_BT, segments_BT, cache, start=False, logits_at_BN=None,
+  source_BM=None, source_mask_BM=None,
+):  # fmt: skip
+  """The model over `cache` -> (logits, the cache with these tokens written). A cross-attention
+  model's first call takes the source tokens (and their mask), whose memory the cache keeps."""
   return Decoder(cfg).apply(
     {"params": params},
     tokens_BT,
@@ -181,6 +183,8 @@ def cached_forward(
     cache=cache,
     start=start,
     logits_at_BN=logits_at_BN,
+    source_BM=source_BM,
+    memory_mask_BM=source_mask_BM,
   )
 
 
@@ -200,14 +204,18 @@ def prefill(
   max_new_tokens: int,
   sampling: SamplingConfig = SamplingConfig(),
   pad_id: int = 0,
+  source_BM: Array | None = None,
+  source_mask_BM: Array | None = None,
 ) -> DecodeState:
-  """Left-padded prompts into a fresh cache of T + max_new_tokens slots -> the decode state."""
+  """Left-padded prompts into a fresh cache of T + max_new_tokens slots -> the decode state.
+  A cross-attention model's rows read their `source_BM` (right-padded ids, `source_mask_BM`)."""
   b, t = prompt_BT.shape
   cache = init_cache(cfg, b, cfg.prompt_tokens + t + max_new_tokens)
   positions_BT = prompt_positions(mask_BT)
   logits_BTV, cache = cached_forward(
-    params, cfg, prompt_BT, positions_BT, mask_BT, cache, True, last_position(prompt_BT)
-  )
+    params, cfg, prompt_BT, positions_BT, mask_BT, cache, True, last_position(prompt_BT),
+    source_BM, source_mask_BM,
+  )  # fmt: skip
   v = logits_BTV.shape[-1] if sampling.penalized else 0
   seen_BV = jnp.zeros((b, v), bool)
   if v:
@@ -288,18 +296,20 @@ def generate_tokens(
   chunk: int = 0,
   on_chunk: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None,
   programs: tuple | None = None,
+  source: tuple = (),
 ) -> tuple[np.ndarray, np.ndarray]:
   """Prefill then decode (`run_decode`) -> (new tokens [B, N], lengths [B]), stop tokens
-  included. `programs` are compiled (prefill, decode) from `compile_programs`."""
+  included. `programs` are compiled (prefill, decode) from `compile_programs`. `source`: a
+  cross-attention model's (source ids [B, M], their mask [B, M])."""
   prefill_fn, decode_fn = programs or (
-    lambda params, prompt_BT, mask_BT, rng: prefill(
-      params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling
+    lambda params, prompt_BT, mask_BT, rng, *source: prefill(
+      params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling, 0, *source
     ),
     lambda params, state, until, stop_ids: decode(params, cfg, state, until, stop_ids, sampling),
   )
   # One program in flight: XLA's in-process CPU collectives can deadlock when one device starts
   # the next program while another still runs the previous one.
-  state = jax.block_until_ready(prefill_fn(params, prompt_BT, mask_BT, rng))
+  state = jax.block_until_ready(prefill_fn(params, prompt_BT, mask_BT, rng, *source))
   return run_decode(params, state, decode_fn, max_new_tokens, stop_ids, chunk, on_chunk)
 
 
@@ -334,10 +344,13 @@ def run_decode(
       return tokens, output_lengths(tokens, steps, stop_ids)
 
 
-def compile_programs(params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling, stop_ids):
-  """Ahead-of-time compiled (prefill, decode) for these shapes, so timings exclude compiling."""
+def compile_programs(
+  params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling, stop_ids, source=()
+):  # fmt: skip
+  """Ahead-of-time compiled (prefill, decode) for these shapes, so timings exclude compiling;
+  prefill takes (params, prompt, mask, rng, *source)."""
   prefill_fn = prefill.lower(
-    params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling
+    params, cfg, prompt_BT, mask_BT, rng, max_new_tokens, sampling, 0, *source
   ).compile()
   state = jax.tree.map(  # decode takes the state as prefill lays it out over the mesh
     lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), prefill_fn.out_info

@@ -65,7 +65,8 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT, z_loss=0.0, label_smoothin
 
 
 def forward(params, cfg: ModelConfig, batch, rng, deterministic: bool, embed_delta_BTD=None):
-  """Logits [B, T, V] of a batch's rows, or [B, N, V] at its `loss_at` columns when it has them."""
+  """Logits [B, T, V] of a batch's rows, or [B, N, V] at its `loss_at` columns when it has them;
+  a seq2seq batch's rows attend to their `source`."""
   logits, _ = Decoder(cfg).apply(
     {"params": params},
     batch["inputs"],
@@ -75,6 +76,8 @@ def forward(params, cfg: ModelConfig, batch, rng, deterministic: bool, embed_del
     rngs=None if deterministic else {"dropout": rng},
     embed_delta_BTD=embed_delta_BTD,
     logits_at_BN=batch.get("loss_at"),
+    source_BM=batch.get("source"),
+    memory_mask_BM=batch.get("source_mask"),
   )
   return logits
 

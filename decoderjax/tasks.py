@@ -29,7 +29,7 @@ from decoderjax.tokenizer import Tokenizer
 
 Record = tuple[str, int, dict]  # (file, line number, record)
 Rows = dict[str, np.ndarray]  # arrays with one leading row axis
-TASKS = ("sft", "classify")
+TASKS = ("sft", "classify", "seq2seq")
 
 
 def render_chat(template: str, messages: list[dict], tok, add_generation_prompt=True) -> str:
@@ -95,7 +95,7 @@ def _field(record: dict, name: str, where: str):
   return value
 
 
-def _text(record: dict, name: str, where: str) -> str:
+def record_text(record: dict, name: str, where: str) -> str:
   value = _field(record, name, where)
   if not isinstance(value, str):
     raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
@@ -112,7 +112,7 @@ def sft_example(
   if cfg.messages_field in record:
     return _chat_example(record[cfg.messages_field], tok, chat_template, cfg, where)
   if cfg.prompt_field in record or cfg.completion_field in record:
-    prompt = _text(record, cfg.prompt_field, where)
+    prompt = record_text(record, cfg.prompt_field, where)
     completion = record.get(cfg.completion_field) or ""
     if not isinstance(completion, str) or not completion.strip():
       raise ValueError(f"{where}: empty completion")
@@ -137,7 +137,7 @@ def generation_example(
     prompt = render_chat(chat_template, messages[:last], tok, add_generation_prompt=True)
     return tok.encode(prompt), messages[last]["content"]
   tokens, mask = sft_example(record, tok, cfg, chat_template, where)
-  return tokens[: mask.index(True)], _text(record, cfg.completion_field, where)
+  return tokens[: mask.index(True)], record_text(record, cfg.completion_field, where)
 
 
 def _chat_example(messages, tok, template, cfg: DataConfig, where: str):
@@ -251,6 +251,62 @@ def _first_fit(lengths: list[int], order, capacity: int) -> list[tuple[int, int]
 # Classification.
 
 
+# Sequence to sequence (a cross-attention model: ModelConfig.cross_attention).
+
+SEQ2SEQ_FIELDS = ("source", "target")
+
+
+def start_id(tok: Tokenizer) -> int:
+  """The decoder's first input, before a target's tokens: BOS, else EOS."""
+  start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+  if start is None or tok.eos_id is None:
+    raise ValueError("a seq2seq tokenizer needs an EOS id (and BOS, else EOS, to start from)")
+  return start
+
+
+def seq2seq_rows(records: list[Record], tok: Tokenizer, seq_len: int) -> tuple[Rows, int]:
+  """{"source", "target"} records -> a row each: the target's (input, next-token) pairs from the
+  start token to EOS, all weighted, and the source's ids [N, seq_len] with their mask; and how
+  many were cut to seq_len."""
+  start, sources, examples = start_id(tok), [], []
+  for path, n, record in records:
+    where = f"{path}:{n}"
+    source, target = (tok.encode(record_text(record, f, where)) for f in SEQ2SEQ_FIELDS)
+    if not source or not target:
+      raise ValueError(f"{where}: empty source or target")
+    examples.append(([start, *target, tok.eos_id], [False] + [True] * (len(target) + 1)))
+    sources.append(source[:seq_len])
+  rows, truncated = sft_rows(examples, seq_len)
+  truncated += sum(len(s) == seq_len for s in sources)
+  rows["source"] = np.zeros((len(sources), seq_len), np.int32)
+  rows["source_mask"] = np.zeros((len(sources), seq_len), np.int32)
+  for i, source in enumerate(sources):
+    rows["source"][i, : len(source)] = source
+    rows["source_mask"][i, : len(source)] = 1
+  return rows, truncated
+
+
+def first_source(dataset: TaskDataset) -> list[int]:
+  """The first validation example's source ids (a seq2seq run's text samples read it)."""
+  mask = dataset.val["source_mask"][0].astype(bool)
+  return dataset.val["source"][0][mask].tolist()
+
+
+def reversal_records(texts: list[str], min_words: int = 3, max_words: int = 10) -> list[Record]:
+  """The built-in seq2seq task: each distinct line of `texts` with `min_words` to `max_words`
+  words -> the same words in reverse order ("to be or not" -> "not or be to")."""
+  seen, records = set(), []
+  for text in texts:
+    for line in text.splitlines():
+      words = line.split()
+      line = " ".join(words)
+      if min_words <= len(words) <= max_words and line not in seen:
+        seen.add(line)
+        record = {"source": line, "target": " ".join(reversed(words))}
+        records.append(("shakespeare", len(records) + 1, record))
+  return records
+
+
 def label_names_of(records: list[Record], cfg: DataConfig) -> list[str]:
   """data.labels split on commas, else the training data's sorted unique labels."""
   if cfg.labels:
@@ -277,7 +333,7 @@ def _classify(records, tok, cfg, seq_len, label_names) -> tuple[Rows, int]:
   texts, labels = [], []
   for path, line, record in records:
     where = f"{path}:{line}"
-    text, label = _text(record, cfg.text_field, where), _field(record, cfg.label_field, where)
+    text, label = record_text(record, cfg.text_field, where), _field(record, cfg.label_field, where)
     if str(label) not in index:
       raise ValueError(f"{where}: label {label!r} is not one of {label_names}")
     texts.append((text, where))
@@ -565,20 +621,37 @@ def _lm_rows(rows: Rows) -> bool:
   return "weights" in rows and "labels" not in rows
 
 
-def load_task_dataset(cfg: DataConfig, tok: Tokenizer, chat_template: str | None) -> TaskDataset:
-  """Reads data.path (and data.eval_path) into the training and validation rows of a task."""
+def load_task_dataset(
+  cfg: DataConfig, tok: Tokenizer | None, chat_template: str | None
+) -> TaskDataset:
+  """Reads data.path (and data.eval_path) into the training and validation rows of a task.
+  A seq2seq task may also be the built-in one (data.source='default': reversal_records of the
+  embedded Shakespeare), and without `tok` trains data.tokenizer on its texts."""
   if cfg.task not in TASKS:
     raise ValueError(f"data.task: expected one of {TASKS} for fine-tuning data, got {cfg.task!r}")
-  if not cfg.path:
+  builtin = cfg.task == "seq2seq" and cfg.source == "default"
+  if not cfg.path and not builtin:
     raise ValueError(f"data.task={cfg.task!r} needs data.path=FILE_OR_GLOB")
   if cfg.seq_len < 2:
     raise ValueError(f"data.seq_len must be >= 2, got {cfg.seq_len}")
+  if cfg.task == "seq2seq" and cfg.pack:
+    raise ValueError(
+      "data.task='seq2seq' keeps each example in a row of its own, with its source: set "
+      "data.pack=false"
+    )
   check_augmentation(cfg)
-  train = read_records(cfg.path)
+  if builtin:
+    from decoderjax import corpus
+
+    train = reversal_records(corpus.shakespeare_texts())
+  else:
+    train = read_records(cfg.path)
   if cfg.eval_path:
     val = read_records(cfg.eval_path)
   else:
     train, val = _split(train, cfg.val_fraction, cfg.seed)
+  if cfg.task == "seq2seq":
+    return _seq2seq_dataset(cfg, tok, train, val)
   if cfg.task == "sft":
     return _sft_dataset(cfg, tok, chat_template, train, val)
   return _classify_dataset(cfg, tok, train, val)
@@ -619,6 +692,24 @@ def _sft_dataset(cfg, tok, chat_template, train, val) -> TaskDataset:
     "loss_tokens": int(rows["weights"].sum()),
   }
   return TaskDataset("sft", tok, rows, val_rows, None, stats, cfg)
+
+
+def _seq2seq_dataset(cfg, tok, train, val) -> TaskDataset:
+  if tok is None:  # a model trained from scratch: its tokenizer too
+    from decoderjax.tokenizer import build_tokenizer
+
+    texts = [record_text(r, field, f"{p}:{n}") for p, n, r in train for field in SEQ2SEQ_FIELDS]
+    tok = build_tokenizer(cfg.tokenizer, texts, cfg.vocab_size, cfg.tokenizer_path)
+  (rows, truncated), (val_rows, _) = (seq2seq_rows(r, tok, cfg.seq_len) for r in (train, val))
+  val_rows = validation_rows(val_rows, cfg)
+  stats = {
+    "examples": len(train),
+    "val_examples": len(val),
+    "truncated": truncated,
+    "tokens": int((rows["segment_ids"] != 0).sum() + rows["source_mask"].sum()),
+    "loss_tokens": int(rows["weights"].sum()),
+  }
+  return TaskDataset("seq2seq", tok, rows, val_rows, None, stats, cfg)
 
 
 def _classify_dataset(cfg, tok, train, val) -> TaskDataset:

@@ -49,7 +49,7 @@ def main(argv):
     template = modeldir.read_generation(init_from).get("chat_template")
   if data_cfg.task == "lm":
     dataset = data.load_dataset(data_cfg, os.path.join(workdir, "data_cache"), tokenizer)
-  elif tokenizer is None:
+  elif tokenizer is None and data_cfg.task != "seq2seq":  # seq2seq may start from scratch
     raise ValueError(
       f"data.task={data_cfg.task!r} fine-tunes a pretrained model: give --config.init_from=DIR"
     )
@@ -57,6 +57,12 @@ def main(argv):
     dataset = tasks.load_task_dataset(data_cfg, tokenizer, template)
   num_labels = len(dataset.label_names or [])
   exp = experiment.experiment_from_config(config, dataset.tokenizer.vocab_size, base, num_labels)
+  if exp.model.cross_attention != (data_cfg.task == "seq2seq"):
+    raise ValueError(
+      "data.task='seq2seq' trains a model with cross_attention=True, and such a model trains "
+      f"on seq2seq data only (data.task={data_cfg.task!r}, "
+      f"model.cross_attention={exp.model.cross_attention})"
+    )
   # Nothing above starts JAX's backends: the CPU split and the cluster come first.
   train_batch, accum = exp.train.batch_size, max(exp.loss.grad_accum_steps, 1)
   batches = (train_batch, train_batch // accum, exp.eval.batch_size or train_batch)

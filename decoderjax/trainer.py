@@ -19,6 +19,7 @@ from decoderjax import generator as generator_lib
 from decoderjax import metrics as metrics_lib
 from decoderjax import sharding as sharding_lib
 from decoderjax import state as state_lib
+from decoderjax import tasks as tasks_lib
 from decoderjax.errors import TrainingError
 from decoderjax.experiment import Experiment
 from decoderjax.model import count_params
@@ -118,14 +119,20 @@ def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh) -> dict:
 
 class _Sampler:
   """The run's text samples: train.sample_prompt (from EOS when the tokenizer cannot encode
-  it) continued by train.sample_tokens at temperature 0.8, sliding over the trained rows."""
+  it) continued by train.sample_tokens at temperature 0.8, sliding over the trained rows. A
+  seq2seq model's: the first validation source (`source`, ids), then what the model makes of
+  it from the start token."""
 
-  def __init__(self, exp: Experiment, tokenizer):
+  def __init__(self, exp: Experiment, tokenizer, source=None):
+    self.sources = None if source is None else [source]
     try:
       self.prompt_text = exp.train.sample_prompt
       prompt = tokenizer.encode(self.prompt_text) if self.prompt_text else []
     except ValueError:  # e.g. a char alphabet without the prompt's characters: start from EOS
       self.prompt_text, prompt = "", []
+    if source is not None:
+      self.prompt_text = f"{tokenizer.decode(source)} -> {self.prompt_text}"
+      prompt = [tasks_lib.start_id(tokenizer), *prompt]
     self.prompt = prompt or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
     config = generator_lib.GenerateConfig(
       max_new_tokens=exp.train.sample_tokens,
@@ -138,7 +145,7 @@ class _Sampler:
 
   def __call__(self, params, seed: int) -> str:
     self.generator.model.params = params
-    results, _ = self.generator([self.prompt], rng=jax.random.key(seed))
+    results, _ = self.generator([self.prompt], rng=jax.random.key(seed), sources=self.sources)
     return self.prompt_text + results[0]["text"]
 
 
@@ -220,7 +227,8 @@ class _Run:
     self._describe()
     self.logger = metrics_lib.Logger(workdir, exp.train.steps, int(self.state.step))
     self.samples = not exp.model.num_labels and exp.train.sample_tokens > 0  # (a classifier: none)
-    self.sampler = _Sampler(exp, dataset.tokenizer) if self.samples else None
+    source = tasks_lib.first_source(dataset) if exp.model.cross_attention else None
+    self.sampler = _Sampler(exp, dataset.tokenizer, source) if self.samples else None
     self.preemption = _Preemption()
 
   def _restore_or_init(self, optimizer):

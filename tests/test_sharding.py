@@ -116,6 +116,35 @@ def test_newer_families_options_train_alike_on_a_mesh(tmp_path, text_file):
     assert mesh[step] == pytest.approx(loss, rel=2e-4)
 
 
+def test_seq2seq_trains_alike_on_a_mesh(tmp_path):
+  """The cross-attention decoder and its encoder, sources in the batch: the same losses on a
+  data x fsdp x tensor mesh as on one device."""
+  lines = [f"word{i % 7} and more{i % 5} then word{i % 3}" for i in range(64)]
+  with open(tmp_path / "pairs.jsonl", "w") as f:
+    for line in lines:
+      f.write(json.dumps({"source": line, "target": " ".join(reversed(line.split()))}) + "\n")
+
+  def run(workdir, *extra, env=None):
+    command = [sys.executable, "-m", "decoderjax.train",
+               f"--config={REPO}/configs/seq2seq_shakespeare.py", f"--workdir={workdir}",
+               "--config.data.source=jsonl", f"--config.data.path={tmp_path / 'pairs.jsonl'}",
+               "--config.model.embed_dim=32", "--config.model.mlp_dim=64",
+               "--config.train.steps=3", "--config.train.batch_size=8",
+               "--config.train.log_every=1", "--config.eval.every_steps=0",
+               "--config.train.sample_tokens=0", "--config.optimizer.warmup_steps=1",
+               *extra]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+  one = run(tmp_path / "one")
+  mesh = run(tmp_path / "mesh", *mesh_flags(2, 2, 2), env=EIGHT)
+  assert sorted(mesh) == [1, 2, 3]
+  for step, loss in one.items():
+    assert mesh[step] == pytest.approx(loss, rel=2e-4)
+
+
 def test_checkpoint_restores_onto_another_mesh(tmp_path, text_file, single_device_losses):
   train(tmp_path / "w", text_file, *mesh_flags(fsdp=8), env=EIGHT, steps=3)
   resumed = train(tmp_path / "w", text_file, *mesh_flags(data=2, fsdp=2, tensor=2), env=EIGHT)
