@@ -38,12 +38,21 @@ VOCAB_MULTIPLE = 128  # token tables padded to this many rows split over any ten
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  """Llama-3 style RoPE frequency scaling (long wavelengths stretched by `factor`)."""
+  """RoPE frequency scaling: Llama-3's (`kind="llama3"`: long wavelengths stretched by `factor`,
+  short ones kept, a smooth band between) or linear (every frequency divided by `factor`, as
+  position interpolation and Gemma 3's global layers do; the other fields unused)."""
 
   factor: float = 8.0
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position: int = 8192
+  kind: str = "llama3"
+
+  def __post_init__(self):
+    if self.kind not in ("llama3", "linear"):
+      raise ValueError(f"RopeScaling.kind must be llama3 or linear, got {self.kind!r}")
+    if self.factor <= 0:
+      raise ValueError(f"RopeScaling.factor must be positive, got {self.factor}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,11 +79,15 @@ def convert_hf(source: str, output: str, dtype: str = "float32", tokenizer: str 
   hf_config = _read_json(config_path)
   if not hf_config:
     raise FileNotFoundError(f"{source}: no config.json")
+  multimodal = hf_config.get("model_type") in hfconfig.MULTIMODAL
+  hf_config = hfconfig.text_config(hf_config, config_path)  # a multimodal model's text model
   cfg = hfconfig.config_from_hf(hf_config, config_path).replace(param_dtype=dtype, dtype=dtype)
   if tokenizer and not os.path.isdir(tokenizer):
     raise FileNotFoundError(f"--tokenizer={tokenizer} is not a folder")
   tok = hf_tokenizer(source, hf_config, tokenizer)
   reader = hf.open_checkpoint(source)
+  if multimodal:
+    reader = hf.TextModelReader(reader)
   bar = _LayerBar(source)
   params = hf.params_from_hf(reader, cfg, hf_config["model_type"], jax.numpy.dtype(dtype), bar)
   bar.close()

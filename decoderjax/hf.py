@@ -102,6 +102,31 @@ def open_checkpoint(directory: str):
   raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 
+class TextModelReader:
+  """The language model of a multimodal checkpoint (Gemma 3's `language_model.model.*`, or
+  `model.language_model.*`) under a text-only model's names; the vision tower and the
+  projector are never read."""
+
+  PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+  )
+
+  def __init__(self, reader):
+    self.reader, self.names = reader, {}
+    for key in reader.keys():
+      for old, new in self.PREFIXES:
+        if key.startswith(old):
+          self.names[new + key[len(old) :]] = key
+
+  def keys(self) -> set[str]:
+    return set(self.names)
+
+  def get(self, name: str):
+    return self.reader.get(self.names[name])
+
+
 class Tensor(NamedTuple):
   """One checkpoint tensor: its place in our tree and in Hugging Face's, and how the layouts
   differ. Reading and writing a checkpoint both follow these tables."""

@@ -21,7 +21,22 @@ LLAMA_LIKE = (
 )
 GEMMAS = ("gemma", "gemma2", "gemma3_text")  # RMSNorm scaled by 1 + w, embeddings x sqrt(D), GeGLU
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # GELU, tanh approximation
-ROPE_TYPES = ("default", "llama3")
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+MULTIMODAL = {"gemma3": "gemma3_text"}  # model_type -> its language model's (text_config)
+
+
+def text_config(hf: dict, path: str = "config.json") -> dict:
+  """The language model's config.json of a multimodal one (Gemma 3 4B and larger: the text
+  model is read, the vision tower left), else `hf` as it is."""
+  if hf.get("model_type") not in MULTIMODAL:
+    return hf
+  if not isinstance(hf.get("text_config"), dict):
+    raise ValueError(f"{path}: a {hf['model_type']} config without its text_config")
+  text = {**hf["text_config"], "model_type": MULTIMODAL[hf["model_type"]]}
+  text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", True))
+  return text
 
 
 def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
@@ -106,7 +121,12 @@ def _rope(hf: dict, arch: str, path: str) -> tuple[float, RopeScaling | None, fl
     kind = part.get("rope_type", part.get("type", "default"))
     if kind not in ROPE_TYPES:
       raise ValueError(f"{path}: RoPE type {kind!r} is not supported {ROPE_TYPES}")
-  if rope.get("rope_type", rope.get("type")) != "llama3":
+  if local.get("rope_type", local.get("type", "default")) != "default":
+    raise ValueError(f"{path}: scaled RoPE on the sliding layers is not supported")
+  kind = rope.get("rope_type", rope.get("type"))
+  if kind == "linear":
+    return theta, RopeScaling(factor=float(rope["factor"]), kind="linear"), local_theta
+  if kind != "llama3":
     return theta, None, local_theta
   scaling = RopeScaling(
     factor=rope["factor"],
@@ -205,7 +225,9 @@ def config_to_hf(cfg: ModelConfig, prefer: str | None = None) -> dict:
   if arch == "gemma3_text":
     out["rope_local_base_freq"] = cfg.local_rope_theta or cfg.rope_theta
     out["sliding_window_pattern"] = cfg.global_every or cfg.num_layers + 1
-  if cfg.rope_scaling is not None:
+  if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "linear":
+    out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling.factor}
+  elif cfg.rope_scaling is not None:
     s = cfg.rope_scaling
     out["rope_scaling"] = {
       "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,

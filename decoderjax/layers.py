@@ -207,12 +207,14 @@ class Norm(nn.Module):
 
 
 def rope_frequencies(cfg: ModelConfig) -> Array:
-  """Inverse frequencies of rotary embeddings, [H/2], with optional Llama-3 scaling."""
+  """Inverse frequencies of rotary embeddings, [H/2], with optional Llama-3 or linear scaling."""
   h = cfg.head_size
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
   s = cfg.rope_scaling
   if s is None:
     return inv_freq
+  if s.kind == "linear":
+    return inv_freq / s.factor
   wavelen = 2 * math.pi / inv_freq
   low_freq_wavelen = s.original_max_position / s.low_freq_factor
   high_freq_wavelen = s.original_max_position / s.high_freq_factor

@@ -126,6 +126,26 @@ def test_gguf_family_matches_transformers(family, tmp_path):
   assert_same_logits(exported, ours, tokens)
 
 
+def test_gemma3_linear_rope_scaling_from_the_metadata(tmp_path):
+  """Gemma 3 4B and larger: rope.scaling.type linear, factor 8, on the global layers only."""
+  model = hf_model("gemma3")
+  scaled = transformers.Gemma3TextConfig(
+    **{**model.config.to_dict(), "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+  )
+  model = transformers.AutoModelForCausalLM.from_config(scaled).eval()
+
+  def extra(w):
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(8.0)
+
+  reference = write_gguf(tmp_path / "m.gguf", model, "gemma3", extra=extra)
+  model.load_state_dict(reference)
+  conversion.convert_gguf(str(tmp_path / "m.gguf"), str(tmp_path / "ours"))
+  ours = modeldir.load_model_dir(str(tmp_path / "ours"))
+  assert (ours.config.rope_scaling.kind, ours.config.rope_scaling.factor) == ("linear", 8.0)
+  assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (2, 16)))
+
+
 QWEN2_TEXT = "(to be) or not 12345 to be, that's it\n\n  (question)"
 
 

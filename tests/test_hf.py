@@ -65,7 +65,8 @@ MODELS = {
     attn_logit_softcapping=2.0,
     final_logit_softcapping=3.0,
   ),  # fmt: skip
-  # ... with q/k norms, and RoPE bases of 1e6 (global) and 10 (sliding layers)
+  # ... with q/k norms, RoPE bases of 1e6 (global) and 10 (sliding layers), and the global
+  # layers' positions scaled linearly (Gemma 3 4B and larger: factor 8)
   "gemma3": lambda: transformers.Gemma3TextConfig(
     **COMMON,
     num_key_value_heads=1,
@@ -74,6 +75,7 @@ MODELS = {
     layer_types=["sliding_attention", "full_attention"],
     rope_theta=1e6,
     rope_local_base_freq=10.0,
+    rope_scaling={"rope_type": "linear", "factor": 8.0},
     query_pre_attn_scalar=24,
   ),  # fmt: skip
   "olmo2": lambda: transformers.Olmo2Config(
@@ -231,7 +233,7 @@ def test_convert_cli_and_bad_input(tmp_path, tokenizer_json):
   "name,changes,message",
   [
     ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
-     "RoPE type 'longrope' is not supported ('default', 'llama3')"),
+     "RoPE type 'longrope' is not supported ('default', 'llama3', 'linear')"),
     ("gemma3", {"layer_types": ["full_attention", "sliding_attention"]},
      "is not a supported pattern (every k-th layer global)"),
     ("llama3", {"hidden_act": "relu"}, "hidden_act 'relu' is not supported (silu only)"),
@@ -265,6 +267,29 @@ def test_round_trip_back_to_transformers(name, tmp_path, tokenizer_json):
   assert modeldir.read_config(str(tmp_path / "ours2")) == modeldir.read_config(
     str(tmp_path / "ours")
   )
+
+
+def test_multimodal_gemma3_converts_its_language_model(tmp_path, tokenizer_json):
+  """A Gemma3ForConditionalGeneration checkpoint (config `gemma3` with its text_config, tensors
+  under language_model.*, a vision tower beside them): the text model's logits."""
+  text = MODELS["gemma3"]().to_dict()
+  vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                image_size=28, patch_size=14)  # fmt: skip
+  config = transformers.Gemma3Config(
+    text_config=text, vision_config=vision, image_token_index=V - 1, boi_token_index=V - 3,
+    eoi_token_index=V - 2, mm_tokens_per_image=4,
+  )  # fmt: skip
+  torch.manual_seed(0)
+  model = transformers.Gemma3ForConditionalGeneration(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p)) if p.ndim == 1 else p.mul_(3.0)
+  model.save_pretrained(tmp_path / "hf")
+  (tmp_path / "hf" / "tokenizer.json").write_text(tokenizer_json)
+  conversion.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  ours = modeldir.load_model_dir(str(tmp_path / "ours"))
+  assert ours.config.rope_scaling.kind == "linear" and ours.config.rope_scaling.factor == 8.0
+  assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V - 3, (2, 24)))
 
 
 class _Exploit:
