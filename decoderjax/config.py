@@ -11,6 +11,7 @@ QUANTS = ("none", "int8", "int4")
 KV_CACHES = ("auto", "int8")
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
 NORMS = ("layernorm", "rmsnorm")
+ROPE_SCALINGS = ("llama3", "linear", "longrope")
 # Where a layer's norms sit around attention and the MLP: "pre" x + f(norm(x)); "post"
 # x + norm(f(x)) (OLMo 2); "both" x + norm(f(norm(x))) (Gemma 2 and 3); "post_ln" norm(x + f(x))
 # (the original Transformer's, torch.nn.TransformerDecoderLayer's default).
@@ -38,21 +39,31 @@ VOCAB_MULTIPLE = 128  # token tables padded to this many rows split over any ten
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-  """RoPE frequency scaling: Llama-3's (`kind="llama3"`: long wavelengths stretched by `factor`,
-  short ones kept, a smooth band between) or linear (every frequency divided by `factor`, as
-  position interpolation and Gemma 3's global layers do; the other fields unused)."""
+  """RoPE frequency scaling, one of ROPE_SCALINGS:
+  - llama3: long wavelengths stretched by `factor`, short ones kept, a smooth band between;
+  - linear: every frequency divided by `factor` (position interpolation, Gemma 3's global layers);
+  - longrope (Phi-3 128k): frequency i divided by `short_factors[i]`, or by `long_factors[i]` in
+    a call whose positions pass `original_max_position`; rotations scaled by `attention_factor`.
+  """
 
   factor: float = 8.0
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position: int = 8192
   kind: str = "llama3"
+  short_factors: tuple[float, ...] = ()
+  long_factors: tuple[float, ...] = ()
+  attention_factor: float = 1.0
 
   def __post_init__(self):
-    if self.kind not in ("llama3", "linear"):
-      raise ValueError(f"RopeScaling.kind must be llama3 or linear, got {self.kind!r}")
+    if self.kind not in ROPE_SCALINGS:
+      raise ValueError(f"RopeScaling.kind must be one of {ROPE_SCALINGS}, got {self.kind!r}")
     if self.factor <= 0:
       raise ValueError(f"RopeScaling.factor must be positive, got {self.factor}")
+    for name in ("short_factors", "long_factors"):  # hashable, as a jit-static config must be
+      object.__setattr__(self, name, tuple(float(f) for f in getattr(self, name)))
+    if (self.kind == "longrope") != bool(self.short_factors and self.long_factors):
+      raise ValueError("RopeScaling: short_factors and long_factors are longrope's, and needed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +166,14 @@ class ModelConfig:
       fail("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
     if self.position == "rope" and self.head_size % 2:
       fail("head_dim", f"RoPE needs an even head dimension, got {self.head_size}")
+    if isinstance(self.rope_scaling, dict):  # accept plain dicts (JSON, ml_collections)
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    s = self.rope_scaling
+    if s is not None and s.kind == "longrope":
+      if len(s.short_factors) != self.head_size // 2 or len(s.long_factors) != self.head_size // 2:
+        fail("rope_scaling", f"longrope needs {self.head_size // 2} factors of each kind")
+      if self.local_rope_theta is not None:
+        fail("rope_scaling", "longrope does not combine with local_rope_theta")
     if self.position == "sinusoidal" and self.embed_dim % 2:
       fail("embed_dim", f"sinusoidal positions need an even width, got {self.embed_dim}")
     if self.sliding_window is not None and self.sliding_window <= 0:
@@ -203,8 +222,6 @@ class ModelConfig:
         parse_pruning(self.pruning)
       except ValueError as e:
         fail("pruning", str(e))
-    if isinstance(self.rope_scaling, dict):  # accept plain dicts (JSON, ml_collections)
-      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
   @property
   def real_vocab(self) -> int:

@@ -319,7 +319,7 @@ class Generator:
           starts[row] = len(texts[row]) - c.keep
       contexts = [texts[r][starts[r] :] if active[r] else texts[r][-1:] for r in range(rows)]
       room = min(self.limit - len(contexts[r]) for r in np.flatnonzero(active))
-      steps = min(c.max_new_tokens - decoded, room)
+      steps = min(c.max_new_tokens - decoded, room, self._until_long_rope(contexts, active))
       tokens, mask = self._padded(contexts, steps)
       key = rng if not timings["windows"] else jax.random.fold_in(rng, timings["windows"])
       watch.window(active.copy(), [list(n) for n in new])
@@ -337,6 +337,17 @@ class Generator:
       text, _ = self.strings.text(new[0])
       stream(text[watch.printed :])
     return new, timings
+
+  def _until_long_rope(self, contexts, active) -> int:
+    """Steps left before a LongRoPE model (Phi-3 128k) passes its original context. There it
+    switches to the long factors, and transformers recomputes every earlier key with them: the
+    window ends, and the next one prefills the whole text afresh, at the long factors."""
+    s = self.model.config.rope_scaling
+    if s is None or s.kind != "longrope":
+      return self.config.max_new_tokens
+    longest = max(len(contexts[r]) for r in np.flatnonzero(active))
+    switch = s.original_max_position + 1  # the length whose prefill takes the long factors
+    return switch - longest if longest < switch else self.config.max_new_tokens
 
   def _window(self, tokens, mask, rng, steps, watch, timings, source=()):
     """One window: prefill, then `steps` decode steps -> (new tokens [B, N], lengths [B])."""

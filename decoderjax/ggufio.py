@@ -30,6 +30,7 @@ ARCHITECTURES = {
   "gemma3": "gemma3_text",
   "phi3": "phi3",
 }
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _PERMUTED = ("llama",)  # llama.cpp interleaves the two RoPE halves of each Q and K head's rows
 _GEMMAS = ("gemma2", "gemma3")  # llama.cpp stores their norm weights w as 1 + w; GELU (tanh) MLPs
 # Metadata (after "{architecture}.") -> config.json keys.
@@ -75,7 +76,7 @@ class GGUFTensors:
       elif name.startswith("blk.") and name.split(".", 2)[2] in layer_names:
         _, i, rest = name.split(".", 2)
         self.by_hf[f"model.layers.{i}.{layer_names[rest]}"] = t
-      elif name != "rope_freqs.weight":
+      elif name not in ROPE_TENSORS:
         raise ValueError(f"{path}: unexpected tensor {name!r} for a {arch} model")
 
   def keys(self) -> set[str]:
@@ -141,8 +142,8 @@ def hf_config_from_gguf(reader, path: str) -> dict:
     config["partial_rotary_factor"] = rotated / head_dim
   kind = _meta(reader, f"{arch}.rope.scaling.type", "none")
   if "rope_factors_long.weight" in names:
-    kind = "longrope"
-  if kind != "none":
+    config["rope_scaling"] = _longrope(reader, arch, path)
+  elif kind != "none":
     factor = _meta(reader, f"{arch}.rope.scaling.factor", 1.0)
     config["rope_scaling"] = {"rope_type": kind, "factor": factor}
   if arch in _GEMMAS:
@@ -159,6 +160,28 @@ def hf_config_from_gguf(reader, path: str) -> dict:
   elif pattern is not None:
     config["sliding_window_pattern"] = int(pattern)
   return config
+
+
+def _longrope(reader, arch: str, path: str) -> dict:
+  """Phi-3 128k's LongRoPE: llama.cpp keeps its per-frequency factors as the tensors
+  rope_factors_long / rope_factors_short, the original context and attention factor as
+  metadata."""
+  tensors = {t.name: t for t in reader.tensors}
+  if "rope_factors_short.weight" not in tensors:
+    raise ValueError(f"{path}: rope_factors_long.weight without rope_factors_short.weight")
+  factors = lambda kind: np.asarray(tensors[f"rope_factors_{kind}.weight"].data, np.float32)
+  scaling = {
+    "rope_type": "longrope",
+    "long_factor": factors("long").reshape(-1).tolist(),
+    "short_factor": factors("short").reshape(-1).tolist(),
+    "original_max_position_embeddings": _meta(
+      reader, f"{arch}.rope.scaling.original_context_length"
+    ),
+  }
+  attention = _meta(reader, f"{arch}.rope.scaling.attn_factor")
+  if attention is not None:
+    scaling["attention_factor"] = attention
+  return scaling
 
 
 def config_from_gguf(reader, path: str) -> ModelConfig:

@@ -6,6 +6,8 @@ phi3. An option a config.json sets that no ModelConfig field computes is an erro
 
 from __future__ import annotations
 
+import math
+
 from decoderjax.config import ModelConfig, RopeScaling
 
 LLAMA_LIKE = (
@@ -21,7 +23,7 @@ LLAMA_LIKE = (
 )
 GEMMAS = ("gemma", "gemma2", "gemma3_text")  # RMSNorm scaled by 1 + w, embeddings x sqrt(D), GeGLU
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # GELU, tanh approximation
-ROPE_TYPES = ("default", "llama3", "linear")
+ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 
 
 MULTIMODAL = {"gemma3": "gemma3_text"}  # model_type -> its language model's (text_config)
@@ -126,6 +128,8 @@ def _rope(hf: dict, arch: str, path: str) -> tuple[float, RopeScaling | None, fl
   kind = rope.get("rope_type", rope.get("type"))
   if kind == "linear":
     return theta, RopeScaling(factor=float(rope["factor"]), kind="linear"), local_theta
+  if kind == "longrope":
+    return theta, _longrope(hf, rope, path), local_theta
   if kind != "llama3":
     return theta, None, local_theta
   scaling = RopeScaling(
@@ -135,6 +139,25 @@ def _rope(hf: dict, arch: str, path: str) -> tuple[float, RopeScaling | None, fl
     original_max_position=rope["original_max_position_embeddings"],
   )
   return theta, scaling, local_theta
+
+
+def _longrope(hf: dict, rope: dict, path: str) -> RopeScaling:
+  """Phi-3's LongRoPE, with transformers' defaults: the factor is the context's growth over the
+  original, and the attention factor sqrt(1 + ln(factor) / ln(original)) when none is given."""
+  original = rope.get("original_max_position_embeddings") or hf.get(
+    "original_max_position_embeddings"
+  )
+  if not original or "short_factor" not in rope or "long_factor" not in rope:
+    raise ValueError(f"{path}: longrope needs short_factor, long_factor and the original context")
+  factor = rope.get("factor") or hf.get("max_position_embeddings", original) / original
+  attention = rope.get("attention_factor")
+  if attention is None:
+    attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+  return RopeScaling(
+    factor=float(factor), original_max_position=int(original), kind="longrope",
+    short_factors=rope["short_factor"], long_factors=rope["long_factor"],
+    attention_factor=float(attention),
+  )  # fmt: skip
 
 
 def _windows(hf: dict, arch: str, path: str) -> tuple[int | None, int]:
@@ -227,6 +250,15 @@ def config_to_hf(cfg: ModelConfig, prefer: str | None = None) -> dict:
     out["sliding_window_pattern"] = cfg.global_every or cfg.num_layers + 1
   if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "linear":
     out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling.factor}
+  elif cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
+    s = cfg.rope_scaling
+    out["original_max_position_embeddings"] = s.original_max_position
+    out["rope_scaling"] = {
+      "rope_type": "longrope", "short_factor": list(s.short_factors),
+      "long_factor": list(s.long_factors), "factor": s.factor,
+      "attention_factor": s.attention_factor,
+      "original_max_position_embeddings": s.original_max_position,
+    }  # fmt: skip
   elif cfg.rope_scaling is not None:
     s = cfg.rope_scaling
     out["rope_scaling"] = {

@@ -206,8 +206,9 @@ class Norm(nn.Module):
     return x.astype(dtype_of(cfg.dtype))
 
 
-def rope_frequencies(cfg: ModelConfig) -> Array:
-  """Inverse frequencies of rotary embeddings, [H/2], with optional Llama-3 or linear scaling."""
+def rope_frequencies(cfg: ModelConfig, long: bool = False) -> Array:
+  """Inverse frequencies of rotary embeddings, [H/2], scaled as `rope_scaling` says (longrope:
+  by its short factors, or by its long ones with `long`)."""
   h = cfg.head_size
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
   s = cfg.rope_scaling
@@ -215,6 +216,8 @@ def rope_frequencies(cfg: ModelConfig) -> Array:
     return inv_freq
   if s.kind == "linear":
     return inv_freq / s.factor
+  if s.kind == "longrope":
+    return inv_freq / jnp.asarray(s.long_factors if long else s.short_factors, jnp.float32)
   wavelen = 2 * math.pi / inv_freq
   low_freq_wavelen = s.original_max_position / s.low_freq_factor
   high_freq_wavelen = s.original_max_position / s.high_freq_factor
@@ -238,10 +241,17 @@ def layer_rope_frequencies(cfg: ModelConfig, sliding=None) -> Array:
 
 def apply_rope(x_BTNH: Array, positions_BT: Array, cfg: ModelConfig, sliding=None) -> Array:
   """Rotates pairs (i, i + H/2) of each head by position-dependent angles (HF layout), at the
-  frequencies of the layer (`sliding`: layer_rope_frequencies)."""
+  frequencies of the layer (`sliding`: layer_rope_frequencies). LongRoPE takes its long factors
+  in a call whose positions pass the original context (transformers' rule: the cache keeps
+  the keys as they were rotated) and scales the rotations by its attention factor."""
   inv_freq_h = layer_rope_frequencies(cfg, sliding)
+  scale, s = 1.0, cfg.rope_scaling
+  if s is not None and s.kind == "longrope":
+    beyond = jnp.max(positions_BT) + 1 > s.original_max_position
+    inv_freq_h = jnp.where(beyond, rope_frequencies(cfg, long=True), inv_freq_h)
+    scale = s.attention_factor
   angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq_h[None, None]
-  sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
+  sin, cos = (scale * f(angles_BTh)[:, :, None, :] for f in (jnp.sin, jnp.cos))
   x = x_BTNH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

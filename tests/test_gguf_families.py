@@ -146,6 +146,33 @@ def test_gemma3_linear_rope_scaling_from_the_metadata(tmp_path):
   assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (2, 16)))
 
 
+def test_phi3_longrope_from_the_factor_tensors(tmp_path):
+  """Phi-3 128k: the factors as rope_factors_long / _short tensors, the original context and
+  the attention factor as metadata; logits past the original context (long factors) too."""
+  from test_hf import LONGROPE
+
+  model = hf_model("phi3")
+  scaled = transformers.Phi3Config(
+    **{**model.config.to_dict(), "original_max_position_embeddings": 16,
+       "rope_scaling": {"rope_type": "longrope", "short_factor": LONGROPE[0],
+                        "long_factor": LONGROPE[1]}},
+  )  # fmt: skip
+  model = transformers.AutoModelForCausalLM.from_config(scaled).eval()
+
+  def extra(w):
+    w.add_tensor("rope_factors_long.weight", np.asarray(LONGROPE[1], np.float32))
+    w.add_tensor("rope_factors_short.weight", np.asarray(LONGROPE[0], np.float32))
+    w.add_rope_scaling_orig_ctx_len(16)
+    w.add_rope_scaling_attn_factors((1 + np.log(64 / 16) / np.log(16)) ** 0.5)
+
+  model.load_state_dict(write_gguf(tmp_path / "m.gguf", model, "phi3", extra=extra))
+  conversion.convert_gguf(str(tmp_path / "m.gguf"), str(tmp_path / "ours"))
+  ours = modeldir.load_model_dir(str(tmp_path / "ours"))
+  assert ours.config.rope_scaling.kind == "longrope"
+  for length in (12, 24):  # within and past the original context of 16
+    assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (2, length)))
+
+
 QWEN2_TEXT = "(to be) or not 12345 to be, that's it\n\n  (question)"
 
 
@@ -193,10 +220,9 @@ def test_refused_gguf_files_are_one_line_errors(tmp_path):
   what is not supported and what is, nothing written."""
   model = hf_model("phi3")
   cases = {
-    "longrope": (
-      "phi3", None,
-      lambda w: w.add_tensor("rope_factors_long.weight", np.ones(8, np.float32)),
-      "RoPE type 'longrope' is not supported",
+    "yarn": (
+      "phi3", None, lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.YARN),
+      "RoPE type 'yarn' is not supported",
     ),
     "pre": ("phi3", "jais", None, "pre-tokenizer 'jais' is not supported"),
   }  # fmt: skip
