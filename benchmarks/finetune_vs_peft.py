@@ -72,7 +72,8 @@ def ours(task: str, variant: str, base: str, files: dict, workdir: str, seed: in
     f"--config.data.eval_path={files[task + '_val']}", f"--config.train.steps={steps}",
     f"--config.train.batch_size={batch}", f"--config.eval.every_steps={every}",
     f"--config.eval.batch_size={EVAL_BATCH}", "--config.train.early_stopping_patience=0",
-    "--config.train.sample_tokens=0", f"--config.train.seed={seed}", *extra,
+    "--config.train.sample_tokens=0", f"--config.train.seed={seed}",
+    f"--config.data.seed={seed}", *extra,
   ]  # fmt: skip
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode:
@@ -224,7 +225,9 @@ def main():
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--tasks", default="classify,sft")
   parser.add_argument("--runs", default="ours,peft", help="of ours, bucketed, peft")
-  parser.add_argument("--seed", type=int, default=0, help="both stacks' (data order, init)")
+  parser.add_argument(
+    "--seed", type=int, default=0, help="both stacks' data order (the same), inits and dropout"
+  )
   args = parser.parse_args()
   os.makedirs(args.workdir, exist_ok=True)
   files = write_tasks(args.workdir)
