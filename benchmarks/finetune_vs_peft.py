@@ -15,7 +15,9 @@ from the embedded Shakespeare corpus (benchmarks/shakespeare_tasks.py):
   loss on the assistant turn only; LoRA r=8 on q, k, v, o, batch 8, 100 steps, completion loss on
   the held-out records every 25 steps. Ours: configs/finetune_sft_lora.py as shipped.
 Both stacks take the same 8 examples at each step (our data order: a fresh permutation of the
-training records each epoch, drawn from the seed).
+training records each epoch, drawn from the seed). `--same_init` (sft) also starts both from one
+adapter, peft's initial one (written by peft, read by `decoderjax.convert --from=peft`), with LoRA
+dropout off: what is left between the two curves is floating-point order, not the recipe.
 Seconds per step count from the end of the step-0 evaluation to the end of the last evaluation,
 evaluations (and, for ours, compilations and checkpoint saves) included.
 """
@@ -60,14 +62,19 @@ def write_tasks(workdir: str) -> dict:
 # decoderjax.
 
 
-def ours(task: str, variant: str, base: str, files: dict, workdir: str, seed: int) -> dict:
+def ours(
+  task: str, variant: str, base: str, files: dict, workdir: str, seed: int, init: str = ""
+) -> dict:
+  """`init`: an adapter directory to start from (the same init as peft's), no LoRA dropout."""
   config, steps, every, batch, _ = RECIPES[task]
   extra = ["--config.data.pack=false"] if variant == "bucketed" else []
+  if init:
+    extra += ["--config.finetune.lora_dropout=0"]
   out = os.path.join(workdir, f"ours_{task}_{variant}")
   shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resumed one
   command = [
     sys.executable, "-m", "decoderjax.train", f"--config={REPO}/configs/{config}.py",
-    f"--workdir={out}", f"--config.init_from={base}",
+    f"--workdir={out}", f"--config.init_from={init or base}",
     f"--config.data.path={files[task + '_train']}",
     f"--config.data.eval_path={files[task + '_val']}", f"--config.train.steps={steps}",
     f"--config.train.batch_size={batch}", f"--config.eval.every_steps={every}",
@@ -111,7 +118,7 @@ def _schedule(step: int, steps: int) -> float:
   return END_LR + (LR - END_LR) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _hf_model(task: str, gguf: str, num_labels: int):
+def _hf_model(task: str, gguf: str, num_labels: int, init: str = ""):
   import peft
   import torch
   import transformers
@@ -129,12 +136,29 @@ def _hf_model(task: str, gguf: str, num_labels: int):
   else:
     cls = transformers.AutoModelForCausalLM
     model = cls.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-  targets = RECIPES[task][4]
+  if init:
+    return tok, peft.PeftModel.from_pretrained(model, init, is_trainable=True)
   lora = peft.LoraConfig(
     task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
-    r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets,
+    r=8, lora_alpha=16, lora_dropout=0.05, target_modules=RECIPES[task][4],
   )  # fmt: skip
   return tok, peft.get_peft_model(model, lora)
+
+
+def initial_adapter(task: str, gguf: str, base: str, workdir: str, seed: int) -> tuple[str, str]:
+  """peft's freshly initialized adapter for `task` (dropout off), as peft writes it and as
+  `convert --from=peft` reads it over our `base`: (peft's directory, ours)."""
+  import torch
+
+  torch.manual_seed(seed)
+  _, model = _hf_model(task, gguf, 0)
+  model.peft_config["default"].lora_dropout = 0.0
+  theirs, ours_dir = (os.path.join(workdir, f"init_{task}_{side}") for side in ("peft", "ours"))
+  shutil.rmtree(ours_dir, ignore_errors=True)
+  model.save_pretrained(theirs)
+  command = [sys.executable, "-m", "decoderjax.convert", "--from=peft", f"--input={theirs}"]
+  subprocess.run([*command, f"--base={base}", f"--output={ours_dir}"], check=True)
+  return theirs, ours_dir
 
 
 def _sft_tensors(tok, records):
@@ -164,7 +188,7 @@ def _pad(rows, pad_id):
   return ids, mask, labels
 
 
-def peft_run(task: str, gguf: str, files: dict, seed: int) -> dict:
+def peft_run(task: str, gguf: str, files: dict, seed: int, init: str = "") -> dict:
   import torch
 
   _, steps, every, batch, _ = RECIPES[task]
@@ -172,7 +196,7 @@ def peft_run(task: str, gguf: str, files: dict, seed: int) -> dict:
   train, val = read("train"), read("val")
   names = sorted({r["label"] for r in train}) if task == "classify" else []
   torch.manual_seed(seed)  # the new head, the adapters and dropout
-  tok, model = _hf_model(task, gguf, len(names))
+  tok, model = _hf_model(task, gguf, len(names), init)
   params = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
 
@@ -228,7 +252,12 @@ def main():
   parser.add_argument(
     "--seed", type=int, default=0, help="both stacks' data order (the same), inits and dropout"
   )
+  parser.add_argument(
+    "--same_init", action="store_true", help="sft: one initial adapter for both, no dropout"
+  )
   args = parser.parse_args()
+  if args.same_init and args.tasks != "sft":
+    parser.error("--same_init is for --tasks=sft (peft saves a classifier's new head apart)")
   os.makedirs(args.workdir, exist_ok=True)
   files = write_tasks(args.workdir)
   base = os.path.join(args.workdir, "smollm2")
@@ -237,13 +266,16 @@ def main():
     subprocess.run([*command, f"--output={base}"], check=True, capture_output=True)
   results = {}
   for task in args.tasks.split(","):
+    inits = ""
+    if args.same_init:
+      inits = initial_adapter(task, args.gguf, base, args.workdir, args.seed)
     for run in args.runs.split(","):
       name = f"{task}/{run}"
       print(f"running {name} ...", flush=True)
       if run == "peft":
-        results[name] = peft_run(task, args.gguf, files, args.seed)
+        results[name] = peft_run(task, args.gguf, files, args.seed, inits and inits[0])
       else:
-        results[name] = ours(task, run, base, files, args.workdir, args.seed)
+        results[name] = ours(task, run, base, files, args.workdir, args.seed, inits and inits[1])
       print(name, json.dumps(results[name]), flush=True)
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)

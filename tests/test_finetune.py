@@ -229,6 +229,14 @@ def test_sft_lora_and_generation(tmp_path, base, task_files):
   assert json.loads(out.read_text())["loss"] == pytest.approx(log[-1]["val_loss"], rel=1e-4)
   result = run("generate", f"--checkpoint={workdir}", "--prompt=Ham.\n", "--max_new_tokens=8")
   assert result.returncode == 0, result.stderr
+  # Trained further from its adapters (init_from the adapter directory): step 0 is where the
+  # first run ended.
+  more, _ = finetune(
+    str(tmp_path / "more"), "finetune_sft_lora", workdir, task_files, "sft",
+    "--config.data.seq_len=96", "--config.train.steps=2", "--config.eval.every_steps=2",
+    "--config.train.sample_tokens=0", drop=None,
+  )  # fmt: skip
+  assert more[0]["step"] == 0 and more[0]["val_loss"] == pytest.approx(log[-1]["val_loss"], 1e-6)
 
 
 def test_full_classification_with_fgm_lowers_validation_loss(tmp_path, base, task_files):
