@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,6 +203,13 @@ def test_workdir_of_another_model_is_refused_and_untouched(tmp_path, text_file):
   assert "holds checkpoints of another model" in second.stderr
   assert "num_layers" in second.stderr
   assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == before
+  # A run that stopped before its first save leaves metadata and no checkpoint: taken over.
+  stale = tmp_path / "stale"
+  (stale / "checkpoints").mkdir(parents=True)
+  shutil.copy(tmp_path / "w" / "config.json", stale / "config.json")
+  third = run_train(stale, text_file, "--config.train.steps=2", "--config.model.num_layers=3")
+  assert third.returncode == 0, third.stderr
+  assert json.loads((stale / "config.json").read_text())["model"]["num_layers"] == 3
 
 
 def test_nonfinite_loss_stops_without_saving(tmp_path, text_file):
