@@ -390,16 +390,21 @@ class CrossAttention(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD: Array, memory_BMD: Array, memory_mask_BM: Array) -> Array:
+  def __call__(self, x_BTD: Array, memory_BMD, memory_mask_BM: Array, kv=None):
     """`memory_mask_BM` marks the memory's real slots; a row with none attends to all (its
-    outputs are padding, and a softmax over nothing is undefined)."""
+    outputs are padding, and a softmax over nothing is undefined). `kv`: the memory's keys and
+    values ([B, M, K, H] each) as an earlier call projected them, read in place of `memory_BMD`
+    (a decoding step). Returns (output, the keys and values projected here, or None)."""
     cfg = self.config
     dtype = dtype_of(cfg.dtype)
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_size
-    x_BTD, memory_BMD = x_BTD.astype(dtype), memory_BMD.astype(dtype)
+    x_BTD = x_BTD.astype(dtype)
     q_BTNH = heads_in(self, "q", x_BTD, n, "q_heads")
-    k_BMKH = heads_in(self, "k", memory_BMD, k, "kv_heads")
-    v_BMKH = heads_in(self, "v", memory_BMD, k, "kv_heads")
+    new_kv = None
+    if kv is None:
+      memory_BMD = memory_BMD.astype(dtype)
+      kv = new_kv = tuple(heads_in(self, name, memory_BMD, k, "kv_heads") for name in "kv")
+    k_BMKH, v_BMKH = kv
     b, t = x_BTD.shape[:2]
     seen_BM = memory_mask_BM.astype(bool)
     seen_BM |= ~jnp.any(seen_BM, axis=1, keepdims=True)
@@ -409,4 +414,4 @@ class CrossAttention(nn.Module):
       dropout = nn.Dropout(cfg.attn_dropout, deterministic=False)
     q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h) * cfg.query_scale
     out_BTKGH = _attend(q_BTKGH, k_BMKH, v_BMKH, mask_BTM, cfg.attn_logit_softcap, dropout)
-    return heads_out(self, out_BTKGH.reshape(b, t, n, h))
+    return heads_out(self, out_BTKGH.reshape(b, t, n, h)), new_kv

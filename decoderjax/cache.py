@@ -32,8 +32,10 @@ class KVCache:
   index: Array  # [] int32 next slot to write, or [B] one per row (continuous batching)
   k_scale: Array | tuple[Array, ...] | None = None  # [L, B, K, S] or L x [B, K, S]; int8 only
   v_scale: Array | tuple[Array, ...] | None = None
-  # A cross-attention model's memory [B, M, D] and its mask [B, M], kept by the first call.
-  memory: Array | None = None
+  # A cross-attention model's memory as the first call projected it for every layer (keys and
+  # values [L, B, M, K, H]) and the memory's mask [B, M].
+  cross_k: Array | None = None
+  cross_v: Array | None = None
   memory_mask: Array | None = None
 
   @property
@@ -89,7 +91,8 @@ class KVCache:
       segment=write(self.segment, segment_BT, -1),
       position=write(self.position, positions_BT, -1),
       index=index + segment_BT.shape[1],
-      memory=self.memory,
+      cross_k=self.cross_k,
+      cross_v=self.cross_v,
       memory_mask=self.memory_mask,
       **scales,
     )
@@ -125,10 +128,10 @@ class KVCache:
   def select_rows(self, rows: Array) -> KVCache:
     """The cache of rows `rows` (beam search reorders its beams)."""
 
-    def per_row(x):
+    def per_row(x, per_layer=self.per_layer):
       if x is None:
         return None
-      return tuple(layer[rows] for layer in x) if self.per_layer else x[:, rows]
+      return tuple(layer[rows] for layer in x) if per_layer else x[:, rows]
 
     return self.replace(
       k=per_row(self.k),
@@ -137,6 +140,9 @@ class KVCache:
       v_scale=per_row(self.v_scale),
       segment=self.segment[rows],
       position=self.position[rows],
+      cross_k=per_row(self.cross_k, False),
+      cross_v=per_row(self.cross_v, False),
+      memory_mask=None if self.memory_mask is None else self.memory_mask[rows],
     )
 
   def stacked(self) -> KVCache:

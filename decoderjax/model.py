@@ -84,9 +84,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x_BTD, positions_BT, mask_BTS, kv=None, segment_ids_BT=None, sliding=None, memory=None
-  ):
-    """`memory`: (memory [B, M, D], its mask [B, M]) of a cross-attention model."""
+    self, x_BTD, positions_BT, mask_BTS, kv=None, segment_ids_BT=None, sliding=None, memory=None,
+    cross_kv=None,
+  ):  # fmt: skip
+    """`memory`: a cross-attention model's (memory [B, M, D], its mask [B, M]), or (None, the
+    mask) with `cross_kv`, the memory's keys and values an earlier call projected. Returns (x,
+    (the new tokens' keys and values, the memory's keys and values projected here or None))."""
     cfg = self.config
     pre, post = cfg.norm_placement in ("pre", "both"), cfg.norm_placement in ("post", "both")
     dropout = lambda h_BTD: nn.Dropout(cfg.resid_dropout)(h_BTD, self.deterministic)
@@ -109,12 +112,12 @@ class Block(nn.Module):
     if cfg.cross_attention:
       with jax.named_scope("cross_attention"):
         cross = CrossAttention(cfg, self.deterministic, name="cross")
-        x_BTD, _ = residual("cross", lambda h: (cross(h, *memory), None), x_BTD)
+        x_BTD, cross_kv = residual("cross", lambda h: cross(h, *memory, cross_kv), x_BTD)
     with jax.named_scope("mlp"):
       mlp = Mlp(cfg, self.deterministic, name="mlp")
       x_BTD, _ = residual("mlp", lambda h: (mlp(h), None), x_BTD)
     x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
-    return x_BTD, new_kv
+    return x_BTD, (new_kv, cross_kv if cfg.cross_attention else None)
 
 
 class Decoder(nn.Module):
@@ -155,7 +158,8 @@ class Decoder(nn.Module):
     logits [B, T, C] at every position.
     A `cross_attention` model attends to `memory_BMD` ([B, M, D], an encoder's states), or to
     the encoding of the source token ids `source_BM` (`encode`); `memory_mask_BM` marks either's
-    real slots (default: all). A cache's first call keeps the memory for the calls after it.
+    real slots (default: all). A cache's first call keeps the memory's keys and values, projected
+    by each layer, for the calls after it.
     """
     cfg = self.config
     b, t = tokens_BT.shape
@@ -182,16 +186,20 @@ class Decoder(nn.Module):
         positions_BT.astype(jnp.int32),
       )
     memory = self.memory(source_BM, memory_BMD, memory_mask_BM, cache, deterministic, embedding)
+    cross_kv = None  # the memory's keys and values as projected at the cache's first call
+    if memory is not None and memory[0] is None:
+      cross_kv = (cache.cross_k, cache.cross_v)
     mask_BTS, kv = self.masks(segment_ids_BT, positions_BT, cache, start, prepend, deterministic)
-    x_BTD, new_kv = self.run_layers(
-      x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, deterministic, memory
+    x_BTD, (new_kv, new_cross_kv) = self.run_layers(
+      x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, deterministic, memory, cross_kv
     )
     x_BTD = Norm(cfg, name="final_norm")(x_BTD)
     new_cache = None
     if cache is not None:
       new_cache = cache.written(new_kv, segment_ids_BT, positions_BT)
-      if memory is not None:
-        new_cache = new_cache.replace(memory=memory[0], memory_mask=memory[1])
+      if new_cross_kv is not None:
+        k_LBMKH, v_LBMKH = new_cross_kv
+        new_cache = new_cache.replace(cross_k=k_LBMKH, cross_v=v_LBMKH, memory_mask=memory[1])
     if prepend:  # outputs of the text tokens only
       x_BTD = x_BTD[:, p:]
     if logits_at_BN is not None:
@@ -246,8 +254,9 @@ class Decoder(nn.Module):
     return x_BTD, positions_BT, segment_ids_BT, embedding
 
   def memory(self, source_BM, memory_BMD, memory_mask_BM, cache, deterministic, embedding):
-    """(memory [B, M, D], its mask [B, M] bool) that a cross-attention model's layers read, or
-    None for a model without cross-attention."""
+    """(memory [B, M, D], its mask [B, M] bool) that a cross-attention model's layers read; (None,
+    the mask) when the cache holds the memory's projected keys and values; None for a model
+    without cross-attention."""
     cfg = self.config
     if not cfg.cross_attention:
       if source_BM is not None or memory_BMD is not None:
@@ -257,8 +266,8 @@ class Decoder(nn.Module):
       if memory_BMD is not None:
         raise ValueError("give the source tokens or the memory, not both")
       memory_BMD = self.encode(source_BM, memory_mask_BM, deterministic, embedding)
-    elif memory_BMD is None and cache is not None and cache.memory is not None:
-      memory_BMD, memory_mask_BM = cache.memory, cache.memory_mask
+    elif memory_BMD is None and cache is not None and cache.cross_k is not None:
+      return None, cache.memory_mask
     if memory_BMD is None:
       raise ValueError("a cross_attention model attends to a memory: give source_BM or memory_BMD")
     if memory_BMD.shape[-1] != cfg.embed_dim:
@@ -331,9 +340,13 @@ class Decoder(nn.Module):
     )
     return masks, None if cache is None else cache.layers
 
-  def run_layers(self, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, deterministic, memory):
+  def run_layers(
+    self, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, deterministic, memory, cross_kv=None
+  ):  # fmt: skip
     """The layers, scanned, switched (cached CPU inference of a per-layer model) or unrolled.
-    Returns (x, the new tokens' keys and values stacked over L, or None without a cache)."""
+    `cross_kv`: the memory's keys and values stacked over L ([L, B, M, K, H] each). Returns (x,
+    (the new tokens' keys and values, or None without a cache; the memory's keys and values
+    projected here, or None), each stacked over L)."""
     cfg = self.config
     block = Block
     if cfg.remat != "none":
@@ -344,13 +357,13 @@ class Decoder(nn.Module):
         block,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, nn.broadcast, 0),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       sliding_L = jnp.asarray(sliding) if cfg.layer_pattern else None
       return stack(cfg, deterministic, name="layers")(
-        x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding_L, memory
+        x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding_L, memory, cross_kv
       )
     if (
       kv is not None
@@ -359,15 +372,18 @@ class Decoder(nn.Module):
       and jax.default_backend() in SWITCH_LAYERS_BACKENDS
     ):
       layers = [self.variables["params"][f"layers_{i}"] for i in range(cfg.num_layers)]
-      return switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, memory)
+      return switched_layers(
+        cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, memory, cross_kv
+      )
     new_layers = []
     for i in range(cfg.num_layers):
       layer_kv = None if kv is None else kv[i]
-      x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(
-        x_BTD, positions_BT, mask_BTS, layer_kv, segment_ids_BT, sliding[i], memory
-      )
-      new_layers.append(layer_kv)
-    return x_BTD, None if kv is None else jax.tree.map(lambda *z: jnp.stack(z), *new_layers)
+      x_BTD, new = block(cfg, deterministic, name=f"layers_{i}")(
+        x_BTD, positions_BT, mask_BTS, layer_kv, segment_ids_BT, sliding[i], memory,
+        _layer(cross_kv, i),
+      )  # fmt: skip
+      new_layers.append(new)
+    return x_BTD, jax.tree.map(lambda *z: jnp.stack(z), *new_layers)
 
   def head(self, x_BTD, embedding, decoding: bool):
     """Final hidden states -> float32 logits: class logits [B, T, C] for a classifier, else
@@ -402,15 +418,21 @@ class Decoder(nn.Module):
     return constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
 
 
+def _layer(stacked, i: int):
+  """Layer i's slice of a tree stacked over L (None stays None)."""
+  return jax.tree.map(lambda z: z[i], stacked)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 7))
 def _inference_block(
-  cfg, params, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding, memory
+  cfg, params, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding, memory, cross_kv
 ):  # fmt: skip
   """One layer's inference call, jitted so that L calls with equal shapes trace it once (twice
   when sliding and global layers alternate)."""
   return Block(cfg).apply(
-    {"params": params}, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding, memory
-  )
+    {"params": params}, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, sliding, memory,
+    cross_kv,
+  )  # fmt: skip
 
 
 def encoder_config(cfg: ModelConfig) -> ModelConfig:
@@ -422,17 +444,19 @@ def encoder_config(cfg: ModelConfig) -> ModelConfig:
   )  # fmt: skip
 
 
-def switched_layers(cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, memory=None):
+def switched_layers(
+  cfg, layers, x_BTD, positions_BT, mask_BTS, kv, segment_ids_BT, memory=None, cross_kv=None
+):  # fmt: skip
   """Inference layers as a loop whose step i runs layer i's own weights (`lax.switch` over L
   branches): one compiled layer body per layer, scheduled like a scan's, and no slicing of
-  stacked weights. `kv` holds one cache tree per layer. Returns (x, the new tokens' keys and
-  values stacked over L)."""
+  stacked weights. `kv` holds one cache tree per layer. Returns what `run_layers` does."""
 
   def run(i, layers, x_BTD, kv):
     sliding = cfg.sliding_layer(i) if cfg.layer_pattern else None
     return _inference_block(
-      cfg, layers[i], x_BTD, positions_BT, mask_BTS, kv[i], segment_ids_BT, sliding, memory
-    )
+      cfg, layers[i], x_BTD, positions_BT, mask_BTS, kv[i], segment_ids_BT, sliding, memory,
+      _layer(cross_kv, i),
+    )  # fmt: skip
 
   branches = [functools.partial(run, i) for i in range(cfg.num_layers)]
   new = jax.eval_shape(branches[0], layers, x_BTD, kv)[1]

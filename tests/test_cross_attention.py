@@ -116,20 +116,23 @@ def test_decoder_reads_the_memory_and_ignores_its_padding():
   mask = jnp.arange(9)[None, :] < 6
   same, _ = model.apply({"params": params}, target, source_BM=padded, memory_mask_BM=mask)
   np.testing.assert_allclose(np.asarray(same), np.asarray(logits), atol=1e-5)
-  # Cached: the first call encodes the source and keeps the memory; the rest read it.
-  cache = init_cache(cfg, 2, 9)
-  ones = jnp.ones((2, 1), jnp.int32)
-  step, cache = sampling.cached_forward(
-    params, cfg, target[:, :4], None, jnp.ones((2, 4), jnp.int32), cache, True, source_BM=source
-  )
-  outs = [step]
-  for i in range(4, 9):
-    step, cache = sampling.cached_forward(params, cfg, target[:, i : i + 1], None, ones, cache)
-    outs.append(step)
-  np.testing.assert_allclose(
-    np.asarray(jnp.concatenate(outs, axis=1)), np.asarray(logits), atol=1e-4, rtol=1e-4
-  )
-  per_layer, per_layer_cfg = layout.for_generation(params, cfg)
+  # Cached, scanned and per layer (switched on CPU): the first call encodes the source and
+  # keeps each layer's keys and values of the memory; the rest read them.
+  per_layer, per_layer_cfg = layout.for_generation(jax.tree.map(jnp.copy, params), cfg)
+  for p, c in ((params, cfg), (per_layer, per_layer_cfg)):
+    cache = init_cache(c, 2, 9)
+    ones = jnp.ones((2, 1), jnp.int32)
+    step, cache = sampling.cached_forward(
+      p, c, target[:, :4], None, jnp.ones((2, 4), jnp.int32), cache, True, source_BM=source
+    )
+    assert cache.cross_k.shape == (c.num_layers, 2, 6, c.kv_heads, c.head_size)
+    outs = [step]
+    for i in range(4, 9):
+      step, cache = sampling.cached_forward(p, c, target[:, i : i + 1], None, ones, cache)
+      outs.append(step)
+    np.testing.assert_allclose(
+      np.asarray(jnp.concatenate(outs, axis=1)), np.asarray(logits), atol=1e-4, rtol=1e-4
+    )
   unrolled, _ = Decoder(per_layer_cfg).apply({"params": per_layer}, target, source_BM=source)
   np.testing.assert_allclose(np.asarray(unrolled), np.asarray(logits), atol=1e-4, rtol=1e-4)
 
