@@ -89,7 +89,8 @@ class Block(nn.Module):
   ):  # fmt: skip
     """`memory`: a cross-attention model's (memory [B, M, D], its mask [B, M]), or (None, the
     mask) with `cross_kv`, the memory's keys and values an earlier call projected. Returns (x,
-    (the new tokens' keys and values, the memory's keys and values projected here or None))."""
+    (the new tokens' keys and values, the memory's keys and values projected here for a cache,
+    or None))."""
     cfg = self.config
     pre, post = cfg.norm_placement in ("pre", "both"), cfg.norm_placement in ("post", "both")
     dropout = lambda h_BTD: nn.Dropout(cfg.resid_dropout)(h_BTD, self.deterministic)
@@ -117,7 +118,8 @@ class Block(nn.Module):
       mlp = Mlp(cfg, self.deterministic, name="mlp")
       x_BTD, _ = residual("mlp", lambda h: (mlp(h), None), x_BTD)
     x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
-    return x_BTD, (new_kv, cross_kv if cfg.cross_attention else None)
+    keep = cfg.cross_attention and kv is not None  # (a cached call's, for the cache)
+    return x_BTD, (new_kv, cross_kv if keep else None)
 
 
 class Decoder(nn.Module):
