@@ -118,7 +118,7 @@ def _schedule(step: int, steps: int) -> float:
   return END_LR + (LR - END_LR) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _hf_model(task: str, gguf: str, num_labels: int, init: str = ""):
+def _hf_model(task: str, gguf: str, num_labels: int, init: str = "", dropout: float = 0.05):
   import peft
   import torch
   import transformers
@@ -140,7 +140,7 @@ def _hf_model(task: str, gguf: str, num_labels: int, init: str = ""):
     return tok, peft.PeftModel.from_pretrained(model, init, is_trainable=True)
   lora = peft.LoraConfig(
     task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
-    r=8, lora_alpha=16, lora_dropout=0.05, target_modules=RECIPES[task][4],
+    r=8, lora_alpha=16, lora_dropout=dropout, target_modules=RECIPES[task][4],
   )  # fmt: skip
   return tok, peft.get_peft_model(model, lora)
 
@@ -151,8 +151,7 @@ def initial_adapter(task: str, gguf: str, base: str, workdir: str, seed: int) ->
   import torch
 
   torch.manual_seed(seed)
-  _, model = _hf_model(task, gguf, 0)
-  model.peft_config["default"].lora_dropout = 0.0
+  _, model = _hf_model(task, gguf, 0, dropout=0.0)
   theirs, ours_dir = (os.path.join(workdir, f"init_{task}_{side}") for side in ("peft", "ours"))
   shutil.rmtree(ours_dir, ignore_errors=True)
   model.save_pretrained(theirs)

@@ -213,6 +213,17 @@ def check_shapes(params, expected, source: str, wanted: str = "the config implie
       )
 
 
+def has_parameters(directory: str) -> bool:
+  """Whether `directory` holds parameters `_restore` can read: `params/` or a complete
+  checkpoint."""
+  if os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+    return True
+  if not os.path.isdir(os.path.join(directory, CHECKPOINTS_DIR)):
+    return False
+  with checkpoints.manager(directory, read_only=True) as mngr:
+    return mngr.latest_step() is not None
+
+
 def _restore(directory: str, target, step: int | None):
   params_path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
   if os.path.isdir(params_path) and step is None:

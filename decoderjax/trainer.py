@@ -31,7 +31,8 @@ DATA_FIELDS = ("text_field", "label_field", "prompt_field", "completion_field", 
 def check_workdir(workdir: str, exp: Experiment) -> None:
   """Refuses a workdir whose checkpoints belong to a different model. A workdir with a config
   but no checkpoint (a run that stopped before its first save) is taken over."""
-  if os.path.exists(os.path.join(workdir, modeldir.CONFIG_FILE)) and _holds_parameters(workdir):
+  has_config = os.path.exists(os.path.join(workdir, modeldir.CONFIG_FILE))
+  if has_config and modeldir.has_parameters(workdir):
     existing = modeldir.read_config(workdir)
     if existing != exp.model:
       changed = sorted(k for k, v in exp.model.to_dict().items() if existing.to_dict()[k] != v)
@@ -39,14 +40,6 @@ def check_workdir(workdir: str, exp: Experiment) -> None:
         f"workdir {workdir} holds checkpoints of another model (fields differ: {changed}); "
         "use a new --workdir"
       )
-
-
-def _holds_parameters(workdir: str) -> bool:
-  if os.path.isdir(os.path.join(workdir, modeldir.PARAMS_DIR)):
-    return True
-  if not os.path.isdir(os.path.join(workdir, checkpoints.CHECKPOINTS_DIR)):
-    return False
-  return checkpoints.manager(workdir, read_only=True).latest_step() is not None
 
 
 def check_run(exp: Experiment, workdir: str, dataset: data_lib.Dataset) -> None:
