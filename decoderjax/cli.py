@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags, logging
 
-from decoderjax import corpus
+from decoderjax import corpus, platforms
 from decoderjax.errors import TrainingError
 
 _COMPILATION_CACHE = flags.DEFINE_string(
@@ -55,6 +55,24 @@ def define_mesh_flags():
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def define_truncate_flag():
+  """--truncate_prompt, for the binaries that generate from prompts."""
+  return flags.DEFINE_bool(
+    "truncate_prompt",
+    False,
+    "Cut a prompt that does not fit the model's context from the left (said once, with the "
+    "tokens dropped); without it such a prompt is an error.",
+  )
+
+
+def note_truncated(dropped: list[int], where: str) -> None:
+  """Says on stderr, once per run, how many prompt tokens --truncate_prompt dropped."""
+  if any(dropped):
+    from decoderjax import prompts
+
+    print(f"note: {prompts.truncation_note(dropped, where)}", file=sys.stderr, flush=True)
 
 
 def inference_mesh(data: int = 0, fsdp: int = 0, tensor: int = 0):
@@ -111,6 +129,7 @@ def run(main, compiles: bool = True) -> None:
 
   def guarded(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter off; --verbosity=0 on
+    platforms.skip_absent_tpu()
     if compiles:
       enable_compilation_cache(_COMPILATION_CACHE.value)
     elif _COMPILATION_CACHE.value is not None:

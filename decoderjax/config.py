@@ -97,6 +97,9 @@ class ModelConfig:
   # With sliding_window: layer i attends to every earlier key when (i + 1) is a multiple of this
   # (Gemma 2: 2, Gemma 3: 6), the others slide; 0 slides every layer (Mistral).
   global_every: int = 0
+  # With sliding_window, instead of global_every: the indices of the layers that attend to every
+  # earlier key, in any pattern (a config.json's irregular `layer_types`); the others slide.
+  global_layers: tuple[int, ...] = ()
   local_rope_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3); None: same
   attn_scale: float | None = None  # multiplies attention logits; None: head_size ** -0.5
   # Each layer also attends to a memory (an encoder's states), between self-attention and the
@@ -176,14 +179,7 @@ class ModelConfig:
         fail("rope_scaling", "longrope does not combine with local_rope_theta")
     if self.position == "sinusoidal" and self.embed_dim % 2:
       fail("embed_dim", f"sinusoidal positions need an even width, got {self.embed_dim}")
-    if self.sliding_window is not None and self.sliding_window <= 0:
-      fail("sliding_window", f"must be positive, got {self.sliding_window}")
-    if not isinstance(self.global_every, int) or self.global_every < 0:
-      fail("global_every", f"must be a non-negative integer, got {self.global_every!r}")
-    if self.global_every and self.sliding_window is None:
-      fail("global_every", "alternates sliding and global layers: set sliding_window too")
-    if self.local_rope_theta is not None and not self.global_every:
-      fail("local_rope_theta", "is the sliding layers' RoPE base: set global_every too")
+    self._check_windows(fail)
     if not isinstance(self.encoder_layers, int) or self.encoder_layers < 0:
       fail("encoder_layers", f"must be a non-negative integer, got {self.encoder_layers!r}")
     if self.encoder_layers and not self.cross_attention:
@@ -223,6 +219,29 @@ class ModelConfig:
       except ValueError as e:
         fail("pruning", str(e))
 
+  def _check_windows(self, fail) -> None:
+    """Which layers slide: sliding_window, global_every or global_layers, local_rope_theta."""
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      fail("sliding_window", f"must be positive, got {self.sliding_window}")
+    if not isinstance(self.global_every, int) or self.global_every < 0:
+      fail("global_every", f"must be a non-negative integer, got {self.global_every!r}")
+    if self.global_every and self.sliding_window is None:
+      fail("global_every", "alternates sliding and global layers: set sliding_window too")
+    if not isinstance(self.global_layers, tuple):  # JSON and ml_collections give lists
+      object.__setattr__(self, "global_layers", tuple(self.global_layers or ()))
+    layers = self.global_layers
+    if layers:
+      if self.global_every:
+        fail("global_layers", "names the global layers instead of global_every: set only one")
+      if self.sliding_window is None:
+        fail("global_layers", "lists the layers that do not slide: set sliding_window too")
+      if list(layers) != sorted(set(layers)) or not all(
+        isinstance(i, int) and 0 <= i < self.num_layers for i in layers
+      ):
+        fail("global_layers", f"must be increasing layer indices < {self.num_layers}, got {layers}")
+    if self.local_rope_theta is not None and self.sliding_window is None:
+      fail("local_rope_theta", "is the sliding layers' RoPE base: set sliding_window too")
+
   @property
   def real_vocab(self) -> int:
     """Token ids the model predicts: the table rows before the padding."""
@@ -258,12 +277,14 @@ class ModelConfig:
   @property
   def layer_pattern(self) -> bool:
     """Whether sliding and global layers alternate (Gemma 2 and 3)."""
-    return bool(self.global_every)
+    return bool(self.global_every or self.global_layers)
 
   def sliding_layer(self, i: int) -> bool:
     """Whether layer i's attention slides over the last `sliding_window` keys."""
     if self.sliding_window is None:
       return False
+    if self.global_layers:
+      return i not in self.global_layers
     return not self.global_every or (i + 1) % self.global_every != 0
 
   @property

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoderjax import sampling, sharding
+from decoderjax import prompts, sampling, sharding
 from decoderjax.cache import KVCache, init_cache
 from decoderjax.config import ModelConfig
 from decoderjax.generator import StopStrings
@@ -269,14 +269,12 @@ class Engine:
 
   def check(self, request: Request) -> None:
     """Raises ValueError naming the problem with a request the engine cannot run."""
-    n = len(request.prompt)
-    if n == 0:
-      raise ValueError("empty prompt: every prompt needs at least one token")
-    if n + request.max_tokens > self.max_len:
-      raise ValueError(
-        f"prompt ({n} tokens) plus max_tokens ({request.max_tokens}) is over the context of "
-        f"{self.max_len} tokens"
-      )
+    where = None
+    if self.max_len < self.cfg.text_len:
+      where = f"a slot's {self.max_len} tokens (serve --max_seq_len)"
+    prompts.fit_prompts(
+      [request.prompt], self.max_len, request.max_tokens, reserve_name="max_tokens", where=where
+    )
     if any(not 0 <= t < self.cfg.vocab_size for t in request.prompt):
       raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
     sampling.SamplingConfig(**{k: v for k, v in request.settings.items() if k in SETTINGS})

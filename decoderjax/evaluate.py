@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 
 import jax
 from absl import flags
@@ -51,6 +50,7 @@ _MAX_NEW = flags.DEFINE_integer(
 _PREDICTIONS = flags.DEFINE_string(
   "predictions", None, "--generate: write {where, prediction, reference} JSON lines here."
 )
+_TRUNCATE = cli.define_truncate_flag()
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the result JSON here.")
 _MESH = cli.define_mesh_flags()
 flags.mark_flag_as_required("checkpoint")
@@ -117,12 +117,11 @@ def score_generations(model, records, fields, mesh) -> dict:
              for w, (_, _, r) in zip(where, records, strict=True)]  # fmt: skip
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
   max_new = _MAX_NEW.value or 1 + max(len(tok.encode(r)) for r in references)
-  prompts, cut = generator.fit_prompts(prompts, model.config.text_len, max_new)
-  if cut:
-    print(f"note: {cut} prompt(s) lose their start (left truncation)", file=sys.stderr)
   sampling = generator.sampling_config({}, temperature=0.0)
   stops = generator.stop_ids(tok, model.generation)
   gen = generator.Generator(model, generator.GenerateConfig(max_new, sampling, stops), mesh)
+  prompts, dropped = gen.fit(prompts, truncate=_TRUNCATE.value)
+  cli.note_truncated(dropped, "the model's context")
   bar = Progress(len(prompts), "generate", "answers")
   results, t = gen.batched(prompts, _BATCH.value, bar.advance, sources)
   bar.close()
@@ -151,6 +150,7 @@ def check_flags(model) -> None:
     ("--generate", _GENERATE.value, _DATA_PATH.value is not None and not model.config.num_labels),
     ("--max_new_tokens", _MAX_NEW.value, generating),
     ("--predictions", _PREDICTIONS.value, generating),
+    ("--truncate_prompt", _TRUNCATE.value, generating),
   ):
     if value and not applies:
       raise ValueError(f"{name} does not apply to this evaluation")

@@ -57,6 +57,7 @@ _WINDOW = flags.DEFINE_integer(
   "Positions generation uses; a full window goes on from its last half, prefilled afresh "
   "(default: the row length the model trained on, else its context; 0: stop at the context).",
 )
+_TRUNCATE = cli.define_truncate_flag()
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write [{prompt, text, tokens}] here.")
 _MESH = cli.define_mesh_flags()
 flags.mark_flag_as_required("checkpoint")
@@ -152,13 +153,16 @@ def main(argv):
     prompts, encoded, sources = encode_sources(tok)
   else:
     (prompts, encoded), sources = encode_prompts(tok, template), None
+  encoded, dropped = generator.fit(encoded, truncate=_TRUNCATE.value)
+  cli.note_truncated(dropped, "the model's context")
   streaming = _STREAM.value and len(prompts) == 1 and _NUM_BEAMS.value == 1
-  if streaming:
+  echo = not template  # a completion prints its prompt first; a chat prints the reply alone
+  if streaming and echo:
     write_out(prompts[0])
   results, timings = generator(encoded, write_out if streaming else None, sources=sources)
   for prompt, result in zip(prompts, results, strict=True):
     result["prompt"] = prompt
-    print("" if streaming else prompt + result["text"], flush=True)
+    print("" if streaming else prompt * echo + result["text"], flush=True)
   print(report(timings), flush=True)
   if _OUTPUT_JSON.value:
     keys = ("prompt", "text", "tokens")
@@ -200,6 +204,8 @@ def interactive(generator: Generator, tok, template: str | None, seq2seq=False) 
     if seq2seq:
       encoded, sources = [[tasks.start_id(tok)]], encoded
     try:
+      encoded, dropped = generator.fit(encoded, truncate=_TRUNCATE.value)
+      cli.note_truncated(dropped, "the model's context")
       results, timings = generator(encoded, write_out if _STREAM.value else None, sources=sources)
     except ValueError as e:  # e.g. the chat outgrew the context: say so, keep the loop
       print(f"error: {e}", flush=True)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decoderjax import beam, layout, modeldir, sampling, sharding
+from decoderjax import beam, layout, modeldir, prompts, sampling, sharding
 from decoderjax.sampling import SamplingConfig
 
 STREAM_CHUNK = 8  # tokens per trip to the host while streaming or watching stop strings
@@ -98,15 +98,6 @@ def trained_window(model: modeldir.ModelDir) -> int:
   return min(trained, model.config.text_len)
 
 
-def fit_prompts(encoded: list[list[int]], length: int, max_new_tokens: int):
-  """Prompts cut from the left to leave `max_new_tokens` of `length` (as lm-eval's hf backend
-  cuts them) -> (the prompts, how many were cut)."""
-  room = length - max_new_tokens
-  if room < 1:
-    raise ValueError(f"{max_new_tokens} new tokens leave no room for a prompt in {length}")
-  return [e[-room:] for e in encoded], sum(len(e) > room for e in encoded)
-
-
 class StopStrings:
   """Cuts each row's text at the first stop string; holds back text that may begin one."""
 
@@ -181,23 +172,23 @@ class Generator:
         f"window={config.window} exceeds the model's context of {model.config.text_len} tokens"
       )
 
-  def check_length(self, encoded: list[list[int]]) -> None:
-    """Every prompt has a token, and without sliding the longest plus max_new_tokens fits."""
-    if any(not e for e in encoded):
-      raise ValueError("empty prompt: every prompt needs at least one token")
-    cfg, c = self.model.config, self.config
-    longest = max(map(len, encoded)) + c.max_new_tokens
-    if c.window and c.num_beams > 1 and longest > c.window:
-      raise ValueError(
-        f"beam search does not slide its window: prompt plus max_new_tokens is {longest} "
-        f"tokens, over window={c.window}"
-      )
-    if longest > cfg.text_len and not c.window:
-      soft = f" (with {cfg.prompt_tokens} soft-prompt slots)" if cfg.prompt_tokens else ""
-      raise ValueError(
-        f"prompt plus max_new_tokens is {longest + cfg.prompt_tokens} tokens{soft}, over the "
-        f"model's context max_seq_len={cfg.max_seq_len}"
-      )
+  def fit(self, encoded: list[list[int]], truncate: bool = False):
+    """`prompts.fit_prompts` for this generator: a sliding window needs room for the first new
+    token (generation goes on past it); beam search, or no window, for max_new_tokens. Returns
+    (the prompts, tokens each lost to `truncate`)."""
+    c, context = self.config, self.model.config.text_len
+    where = None
+    if self.limit < context:
+      where = f"the window of {self.limit} tokens (the model's context is {context})"
+    if c.window and c.num_beams == 1:
+      reserve, name = 1, "the first new token"
+    else:
+      reserve, name = c.max_new_tokens, "max_new_tokens"
+      if c.window:
+        where = f"the window of {self.limit} tokens, which beam search does not slide"
+    return prompts.fit_prompts(
+      encoded, self.limit, reserve, truncate=truncate, reserve_name=name, where=where
+    )
 
   def __call__(
     self, encoded: list[list[int]], stream=None, rng=None, sources=None
@@ -205,7 +196,7 @@ class Generator:
     """Token lists -> ([{"text", "tokens"}], timings); `stream(text)` gets row 0 as it grows.
     `rng` (a key) replaces the generator's own sequence of keys for this call. A
     cross-attention model continues each row reading its source (`sources`: token lists)."""
-    self.check_length(encoded)
+    self.fit(encoded)
     source = self.source_arrays(sources, len(encoded))
     if rng is None:
       self.rng, rng = jax.random.split(self.rng)

@@ -20,8 +20,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
-from decoderjax import cli, generator, modeldir, scoring, tasks
+from decoderjax import cli, generator, modeldir, platforms, scoring, tasks
 from decoderjax.generator import GenerateConfig, Generator
+from decoderjax.prompts import fit_prompts
 
 log = logging.getLogger(__name__)
 PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu", "rocm": "gpu", "tpu": "tpu"}
@@ -49,6 +50,7 @@ class DecoderJaxLM(TemplateLM):
     super().__init__()
     if not str(batch_size).isdigit():
       raise ValueError(f"batch_size must be a positive integer (no 'auto'), got {batch_size!r}")
+    platforms.skip_absent_tpu()
     _check_device(device)
     cli.enable_compilation_cache(compilation_cache, min_seconds=0)  # evaluations repeat shapes
     self.mesh = cli.inference_mesh(mesh_data, mesh_fsdp, mesh_tensor)
@@ -206,9 +208,9 @@ class DecoderJaxLM(TemplateLM):
       self.generators[config] = Generator(self.model, config, self.mesh)
     gen = self.generators[config]
     encoded = [self.tok_encode(c) for c in contexts]
-    prompts, cut = generator.fit_prompts(encoded, self.max_length, config.max_new_tokens)
-    if cut:
-      self._truncated(cut)
+    prompts, dropped = fit_prompts(encoded, self.max_length, config.max_new_tokens, truncate=True)
+    if any(dropped):
+      self._truncated(sum(d > 0 for d in dropped))
     results, _ = gen.batched(prompts, self.batch_size, bar.update)
     return [r["text"] for r in results]
 

@@ -72,7 +72,7 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
   heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
   theta, scaling, local_theta = _rope(hf, arch, path)
-  window, every = _windows(hf, arch, path)
+  windows = _windows(hf, arch, path)
   placement = {"gemma2": "both", "gemma3_text": "both", "olmo2": "post"}.get(arch, "pre")
   scalar = hf.get("query_pre_attn_scalar") if arch in ("gemma2", "gemma3_text") else None
   return ModelConfig(
@@ -97,9 +97,8 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
     qk_norm=arch in ("qwen3", "gemma3_text", "olmo2"),
     qk_norm_scope="all" if arch == "olmo2" else "head",
     tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-    sliding_window=window,
-    global_every=every,
-    local_rope_theta=local_theta if every and arch == "gemma3_text" else None,
+    **windows,
+    local_rope_theta=local_theta if windows["sliding_window"] and arch == "gemma3_text" else None,
     attn_scale=None if scalar is None or scalar == head_dim else float(scalar) ** -0.5,
     attn_logit_softcap=hf.get("attn_logit_softcapping") if gemma else None,
     final_logit_softcap=hf.get("final_logit_softcapping") if arch != "gemma" else None,
@@ -160,30 +159,35 @@ def _longrope(hf: dict, rope: dict, path: str) -> RopeScaling:
   )  # fmt: skip
 
 
-def _windows(hf: dict, arch: str, path: str) -> tuple[int | None, int]:
-  """(sliding_window, global_every) of a config.json: Gemma 2 and 3 alternate sliding and
-  global layers as `layer_types` lists (every `global_every`-th layer global)."""
+def _windows(hf: dict, arch: str, path: str) -> dict:
+  """The ModelConfig fields that say which layers slide, from a config.json: Gemma 2 and 3 list
+  each layer's kind in `layer_types` (older ones give a `sliding_window_pattern`: every k-th
+  layer global), taken as written: all sliding, all global, every k-th global or any mix."""
   window = hf.get("sliding_window")
   if arch in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-    return None, 0
+    return {"sliding_window": None}
   if arch not in ("gemma2", "gemma3_text") or window is None:
-    return window, 0
+    return {"sliding_window": window}
   n = hf["num_hidden_layers"]
   every = 2 if arch == "gemma2" else hf.get("sliding_window_pattern", 6)
   kinds = hf.get("layer_types") or [
     "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)
   ]
-  if "sliding_attention" not in kinds:
-    return None, 0
-  full = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
-  every = full[0] + 1 if full else 0
-  expected = ["sliding_attention" if not every or (i + 1) % every else "full_attention"
-              for i in range(n)]  # fmt: skip
-  if list(kinds) != expected:
+  unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+  if len(kinds) != n or unknown:
     raise ValueError(
-      f"{path}: layer_types {kinds} is not a supported pattern (every k-th layer global)"
+      f"{path}: layer_types must give one of full_attention, sliding_attention for each of the "
+      f"{n} layers, got {len(kinds)} entries{f' with {unknown}' if unknown else ''}"
     )
-  return window, every
+  full = tuple(i for i, kind in enumerate(kinds) if kind == "full_attention")
+  if len(full) == n:
+    return {"sliding_window": None}
+  if not full:
+    return {"sliding_window": window}
+  every = full[0] + 1
+  if full == tuple(range(every - 1, n, every)):
+    return {"sliding_window": window, "global_every": every}
+  return {"sliding_window": window, "global_layers": full}
 
 
 def config_to_hf(cfg: ModelConfig, prefer: str | None = None) -> dict:
@@ -237,6 +241,9 @@ def config_to_hf(cfg: ModelConfig, prefer: str | None = None) -> dict:
   if arch in ("gemma2", "gemma3_text"):
     scalar = cfg.query_scale**-2
     out.update(
+      # transformers builds a sliding mask even where every layer is global: a window that
+      # never binds
+      sliding_window=cfg.sliding_window or cfg.max_seq_len,
       query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
       attn_logit_softcapping=cfg.attn_logit_softcap,
       final_logit_softcapping=cfg.final_logit_softcap,
@@ -247,7 +254,8 @@ def config_to_hf(cfg: ModelConfig, prefer: str | None = None) -> dict:
     )
   if arch == "gemma3_text":
     out["rope_local_base_freq"] = cfg.local_rope_theta or cfg.rope_theta
-    out["sliding_window_pattern"] = cfg.global_every or cfg.num_layers + 1
+    if not cfg.global_layers:  # transformers < 4.53 builds layer_types from the pattern alone
+      out["sliding_window_pattern"] = cfg.global_every or cfg.num_layers + 1
   if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "linear":
     out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling.factor}
   elif cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
@@ -285,13 +293,13 @@ def _hf_architecture(cfg: ModelConfig, prefer: str | None) -> str:
     if prefer == "phi3" and arch in ("llama", "mistral"):
       arch = "phi3"
   allowed = {  # the options each architecture has, beyond the Llama shape
-    "gemma": (), "gemma2": ("sliding_window", "global_every", "attn_scale", "attn_logit_softcap",
-                            "final_logit_softcap"),
+    "gemma": (), "gemma2": ("sliding_window", "global_every", "global_layers", "attn_scale",
+                            "attn_logit_softcap", "final_logit_softcap"),
     "olmo2": ("qk_norm", "qk_norm_scope"), "qwen3": ("qk_norm", "sliding_window"),
     "qwen2": ("sliding_window",), "mistral": ("sliding_window",), "phi3": ("sliding_window",),
   }  # fmt: skip
   allowed["gemma3_text"] = (*allowed["gemma2"], "qk_norm", "local_rope_theta")
-  options = ("sliding_window", "global_every", "attn_scale", "attn_logit_softcap",
+  options = ("sliding_window", "global_every", "global_layers", "attn_scale", "attn_logit_softcap",
              "final_logit_softcap", "qk_norm", "local_rope_theta", "use_bias")  # fmt: skip
   unsupported = [f for f in options if getattr(cfg, f) and f not in allowed.get(arch, ())]
   if cfg.qk_norm_scope != ("all" if arch == "olmo2" else "head"):

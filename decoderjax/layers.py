@@ -232,11 +232,12 @@ def rope_frequencies(cfg: ModelConfig, long: bool = False) -> Array:
 
 def layer_rope_frequencies(cfg: ModelConfig, sliding=None) -> Array:
   """A layer's RoPE frequencies: the sliding layers of a model with `local_rope_theta` rotate
-  at that base, unscaled (Gemma 3); `sliding` may be traced (the layer scan)."""
-  if sliding is None or cfg.local_rope_theta is None:
+  at that base, unscaled (Gemma 3); `sliding` may be traced (the layer scan), and is None where
+  all layers are of one kind (then they all slide or none does)."""
+  if cfg.local_rope_theta is None or (sliding is None and cfg.sliding_window is None):
     return rope_frequencies(cfg)
   local = rope_frequencies(cfg.replace(rope_theta=cfg.local_rope_theta, rope_scaling=None))
-  return jnp.where(sliding, local, rope_frequencies(cfg))
+  return local if sliding is None else jnp.where(sliding, local, rope_frequencies(cfg))
 
 
 def apply_rope(x_BTNH: Array, positions_BT: Array, cfg: ModelConfig, sliding=None) -> Array:

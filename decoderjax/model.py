@@ -442,7 +442,7 @@ def encoder_config(cfg: ModelConfig) -> ModelConfig:
   cross-attention, sliding windows or the generation layout (encoder weights stay as stored)."""
   return cfg.replace(
     cross_attention=False, encoder_layers=0, sliding_window=None, global_every=0,
-    local_rope_theta=None, weights_out_in=False,
+    global_layers=(), local_rope_theta=None, weights_out_in=False,
   )  # fmt: skip
 
 

@@ -59,10 +59,11 @@ def forward(params, cfg, tokens, segments=None):
     norms = {name: f64(tree) for name, tree in params[f"layers_{layer}"].items() if "norm" in name}
     attn = f64(params[f"layers_{layer}"]["attn"])
     mlp = f64(params[f"layers_{layer}"]["mlp"])
-    # Gemma 2/3: layer i is global when (i + 1) is a multiple of global_every, else it slides
-    # (with its own RoPE base, Gemma 3); without global_every every layer slides (Mistral).
+    # Gemma 2/3: layer i is global when it is listed in global_layers or (i + 1) is a multiple of
+    # global_every, else it slides (with its own RoPE base, Gemma 3); with neither every layer
+    # slides (Mistral).
     window = cfg.sliding_window
-    if cfg.global_every and (layer + 1) % cfg.global_every == 0:
+    if layer in cfg.global_layers or (cfg.global_every and (layer + 1) % cfg.global_every == 0):
       window = None
     theta = cfg.local_rope_theta if window is not None and cfg.local_rope_theta else cfg.rope_theta
     scale = cfg.attn_scale if cfg.attn_scale is not None else 1 / math.sqrt(h)

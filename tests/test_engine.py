@@ -84,7 +84,7 @@ def test_the_int8_cache_serves_full_lengths(model_dir):
   "prompt,max_tokens,settings,message",
   [
     ([], 4, {}, "empty prompt"),
-    ([1] * 40, 25, {}, "over the context of 64 tokens"),
+    ([1] * 40, 25, {}, r"a prompt of 40 tokens plus 25 \(max_tokens\) is over"),
     ([999], 4, {}, "prompt token ids must be in"),
     ([1], 4, {"temperature": -1.0}, "temperature must be >= 0"),
   ],

@@ -275,7 +275,13 @@ def test_bad_input_is_one_line(models, tmp_path):
   empty.write_text("")
   fieldless = tmp_path / "f.jsonl"
   fieldless.write_text('{"question": "who?", "answer": "me"}\n')
+  long = tmp_path / "long.jsonl"  # with 60 new tokens, over the 64-token context: refused
+  long.write_text('{"prompt": "to be or not to be, that is the question", "completion": "me"}\n')
   cases = {
+    (f"--checkpoint={ours}", f"--data_path={long}", "--generate", "--max_new_tokens=60"): "plus "
+    "60 (max_new_tokens) is over the model's context of 64 tokens",
+    (f"--checkpoint={ours}", f"--text_file={text}", "--truncate_prompt"): "--truncate_prompt does "
+    "not apply",
     (f"--checkpoint={tmp_path}", f"--text_file={text}"): "is not a decoderjax model directory",
     (f"--checkpoint={ours}", f"--data_path={empty}", "--generate"): "holds no records",
     (f"--checkpoint={ours}", f"--data_path={fieldless}", "--generate"): "expected fields 'prompt'",

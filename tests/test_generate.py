@@ -120,7 +120,7 @@ def test_sliding_window_generation_recomputes_the_window_it_keeps(tiny):
       assert int(jnp.argmax(logits[len(context) - 1])) == token
       text.append(token)
     assert len(result["tokens"]) == 48
-  with pytest.raises(ValueError, match="beam search does not slide"):
+  with pytest.raises(ValueError, match="over the window of 16 tokens, which beam search does not"):
     beams = generator.GenerateConfig(48, num_beams=2, window=window)
     generator.Generator(model, beams)(prompts)
   with pytest.raises(ValueError, match="exceeds the model's context of 96"):
@@ -369,3 +369,52 @@ def test_generate_cli_bad_input(char_model, flags, message):
   result = run_generate(char_model[0], *flags)
   assert result.returncode == 1 and message in result.stderr, result.stderr
   assert "Traceback" not in result.stderr
+
+
+def in_process_greedy(directory, prompt_ids, max_new):
+  """The text the Generator continues `prompt_ids` with, as the generate binary sets it up."""
+  from decoderjax import generator as generator_lib
+
+  model = generator_lib.load(str(directory))
+  config = generator_lib.GenerateConfig(max_new, SamplingConfig(temperature=0), window=64)
+  results, _ = generator_lib.Generator(model, config)([prompt_ids])
+  return results[0]["text"]
+
+
+def test_generate_cli_refuses_a_prompt_over_the_context_unless_told_to_cut_it(char_model):
+  """70 tokens do not fit the 64-token context: an error naming both lengths; with
+  --truncate_prompt the prompt loses its first 7 tokens (said once) and generation continues
+  the 63 that are left."""
+  directory, _, _, tok = char_model
+  prompt = ("abcdefghij klmnop" * 5)[:70]
+  refused = run_generate(directory, f"--prompt={prompt}", "--max_new_tokens=4")
+  assert refused.returncode == 1 and refused.stdout == ""
+  assert refused.stderr.strip() == (
+    "error: a prompt of 70 tokens plus 1 (the first new token) is over the model's context of "
+    "64 tokens"
+  )
+  cut = run_generate(directory, f"--prompt={prompt}", "--max_new_tokens=4", "--truncate_prompt",
+                     "--ignore_eos")  # fmt: skip
+  assert cut.returncode == 0, cut.stderr
+  assert cut.stderr.count("note: 1 prompt(s) lost 7 token(s) from the left") == 1
+  expected = in_process_greedy(directory, tok.encode(prompt)[7:], 4)
+  assert cut.stdout.splitlines()[0] == prompt + expected
+
+
+def test_generate_cli_chat_prints_the_reply_alone_and_no_tpu_start_up(char_model, tmp_path):
+  """--chat prints the model's reply, not the user's message glued to it; with libtpu installed
+  and JAX_PLATFORMS unset (as a user's shell has it), nothing about a TPU reaches stderr."""
+  import os
+
+  directory, cfg, params, tok = char_model
+  chat_dir = tmp_path / "chat"
+  template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+  modeldir.save_model_dir(str(chat_dir), cfg, params, tok, {"temperature": 0,
+                                                           "chat_template": template})  # fmt: skip
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  chat = run_generate(chat_dir, "--chat", "--prompt=abc", "--max_new_tokens=8", "--ignore_eos",
+                      env=env)  # fmt: skip
+  assert chat.returncode == 0, chat.stderr
+  reply = in_process_greedy(chat_dir, tok.encode("abc "), 8)
+  assert chat.stdout.splitlines()[0] == reply and not reply.startswith("abc")
+  assert "TPU" not in chat.stderr and "libtpu" not in chat.stderr, chat.stderr

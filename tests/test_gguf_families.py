@@ -146,6 +146,29 @@ def test_gemma3_linear_rope_scaling_from_the_metadata(tmp_path):
   assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (2, 16)))
 
 
+@pytest.mark.parametrize("pattern", [None, [False, True, True, False]])
+def test_gemma3_layer_pattern_from_the_metadata(pattern, tmp_path):
+  """4 layers: without a sliding_window_pattern (llama.cpp's default, every 6th layer global)
+  all slide, at the local RoPE base; a per-layer pattern (true: sliding) is taken as written."""
+  kinds = ["sliding_attention" if p else "full_attention" for p in pattern or [True] * 4]
+  config = transformers.Gemma3TextConfig(
+    **{**FAMILIES["gemma3"]().to_dict(), "num_hidden_layers": 4, "layer_types": kinds}
+  )
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+
+  def extra(w):
+    if pattern is not None:
+      w.add_sliding_window_pattern(pattern)
+
+  model.load_state_dict(write_gguf(tmp_path / "m.gguf", model, "gemma3", extra=extra))
+  conversion.convert_gguf(str(tmp_path / "m.gguf"), str(tmp_path / "ours"))
+  ours = modeldir.load_model_dir(str(tmp_path / "ours"))
+  assert [ours.config.sliding_layer(i) for i in range(4)] == (pattern or [True] * 4)
+  assert ours.config.local_rope_theta == 10_000.0
+  assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (2, 16)))
+
+
 def test_phi3_longrope_from_the_factor_tensors(tmp_path):
   """Phi-3 128k: the factors as rope_factors_long / _short tensors, the original context and
   the attention factor as metadata; logits past the original context (long factors) too."""

@@ -111,8 +111,9 @@ def tokenizer_json(tmp_path_factory):
 
 
 def save_hf(name, directory, tokenizer_json, **config_changes):
+  """A random model of MODELS[name] (or of the config `name`) saved as a checkpoint."""
   torch.manual_seed(0)
-  config = MODELS[name]()
+  config = MODELS[name]() if isinstance(name, str) else name
   for key, value in config_changes.items():
     setattr(config, key, value)
   model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -187,6 +188,60 @@ def test_scanned_and_unrolled_generate_as_transformers(name, tmp_path, tokenizer
   np.testing.assert_array_equal(results[0]["tokens"], expected[0])
 
 
+# Gemma 3's layer_types as written, 4 layers: the default pattern (every 6th global) leaves all
+# four sliding (at rope_local_base_freq, not rope_theta), all global, and an irregular mix.
+GEMMA3_LAYERS = {
+  "all_sliding": ({}, dict(sliding_window=5, global_every=0, global_layers=())),
+  "all_global": ({"layer_types": ["full_attention"] * 4}, dict(sliding_window=None)),
+  "irregular": (
+    {"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]},
+    dict(sliding_window=5, global_every=0, global_layers=(0, 3)),
+  ),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(GEMMA3_LAYERS))
+def test_gemma3_layer_types_convert_as_written(pattern, tmp_path, tokenizer_json):
+  """Logits past the window, 16 greedy tokens through the Generator, and the round trip equal
+  transformers' for each layer pattern."""
+  from decoderjax import generator as generator_lib
+  from decoderjax import sampling
+
+  layer_types, fields = GEMMA3_LAYERS[pattern]
+  config = transformers.Gemma3TextConfig(
+    **{**COMMON, "num_hidden_layers": 4}, num_key_value_heads=1, head_dim=32, sliding_window=5,
+    query_pre_attn_scalar=24, **layer_types,
+  )  # fmt: skip
+  model = save_hf(config, tmp_path / "hf", tokenizer_json)
+  with torch.no_grad():  # sharper logits than the 0.02 init: no near-ties between tokens
+    for p in model.parameters():
+      p.mul_(3.0)
+  model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  conversion.convert_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  ours = modeldir.load_model_dir(str(tmp_path / "ours"))
+  assert {f: getattr(ours.config, f) for f in fields} == fields
+  assert ours.config.local_rope_theta == (None if pattern == "all_global" else 10_000.0)
+  assert_same_logits(model, ours, np.random.default_rng(0).integers(0, V, (2, 24)))
+  prompt = [[11, 200, 7, 42, 3, 99, 150, 8, 17, 60]]
+  with torch.no_grad():
+    expected = model.generate(
+      torch.tensor(prompt), attention_mask=torch.ones(1, 10, dtype=int), max_new_tokens=16,
+      do_sample=False, eos_token_id=None, pad_token_id=0,
+    )[0, 10:].numpy()  # fmt: skip
+  ready = generator_lib.for_generation(ours)
+  greedy = sampling.SamplingConfig(temperature=0)
+  results, _ = generator_lib.Generator(ready, generator_lib.GenerateConfig(16, greedy))(prompt)
+  np.testing.assert_array_equal(results[0]["tokens"], expected)
+  conversion.export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
+  again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+  assert again.config.layer_types == model.config.layer_types
+  assert_same_logits(again, ours, np.random.default_rng(1).integers(0, V, (2, 24)))
+  conversion.convert_hf(str(tmp_path / "back"), str(tmp_path / "ours2"))
+  assert modeldir.read_config(str(tmp_path / "ours2")) == modeldir.read_config(
+    str(tmp_path / "ours")
+  )
+
+
 def model_tok(tokenizer_json):
   from tokenizers import Tokenizer
 
@@ -237,8 +292,9 @@ def test_convert_cli_and_bad_input(tmp_path, tokenizer_json):
   [
     ("phi3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
      "RoPE type 'yarn' is not supported ('default', 'llama3', 'linear', 'longrope')"),
-    ("gemma3", {"layer_types": ["full_attention", "sliding_attention"]},
-     "is not a supported pattern (every k-th layer global)"),
+    ("gemma3", {"layer_types": ["full_attention", "chunked_attention"]},
+     "layer_types must give one of full_attention, sliding_attention for each of the 2 layers, "
+     "got 2 entries with ['chunked_attention']"),
     ("llama3", {"hidden_act": "relu"}, "hidden_act 'relu' is not supported (silu only)"),
   ],
 )  # fmt: skip
