@@ -38,9 +38,9 @@ def main():
 
   import jax
 
-  from decoderjax import sharding
-  from decoderjax.config import get_preset
-  from decoderjax.metrics import flops_per_token, matmul_flops, peak_flops
+  from decoderjax.model.presets import get_preset
+  from decoderjax.runtime import sharding
+  from decoderjax.training.metrics import flops_per_token, matmul_flops, peak_flops
 
   cfg = get_preset(
     args.preset, dtype="bfloat16", param_dtype="float32", max_seq_len=args.seq, remat=args.remat

@@ -4,8 +4,9 @@
   python benchmarks/convert_memory.py --preset=mistral-7b --workdir=/tmp/convmem  # ~30 GB disk
 
 Writes a random checkpoint of the preset's shape as sharded bfloat16 safetensors (one shard per
-layer, never the whole model in memory), converts it (`decoderjax.conversion.convert_hf`, what
-`python -m decoderjax.convert --from=hf --dtype=bfloat16` runs) in a child process, and prints
+layer, never the whole model in memory), converts it
+(`decoderjax.checkpoints.exchange.convert_hf`, what `python -m decoderjax.convert --from=hf
+--dtype=bfloat16` runs) in a child process, and prints
 the child's peak memory beside the model's bytes: anonymous memory (what the conversion holds)
 and file-backed memory (the memory-mapped safetensors pages: page cache, reclaimable), sampled
 every 10 ms from /proc/self/status, and the kernel's peak RSS of both. No weights are downloaded.
@@ -26,8 +27,8 @@ import time
 import ml_dtypes
 import numpy as np
 
-from decoderjax import hfconfig
-from decoderjax.config import get_preset
+from decoderjax.checkpoints import hf_config
+from decoderjax.model.presets import get_preset
 
 
 def hf_shapes(cfg) -> dict[str, dict[str, tuple]]:
@@ -70,7 +71,7 @@ def write_checkpoint(cfg, directory: str, seed: int = 0) -> int:
     weight_map.update({name: f"{shard}.safetensors" for name in tensors})
   with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-  config = hfconfig.config_to_hf(cfg)
+  config = hf_config.config_to_hf(cfg)
   config.update(torch_dtype="bfloat16", eos_token_id=0, bos_token_id=0)
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f)
@@ -83,7 +84,7 @@ def write_checkpoint(cfg, directory: str, seed: int = 0) -> int:
 
 def child(source: str, output: str) -> None:
   """Converts while a thread samples this process's anonymous and file-backed resident memory."""
-  from decoderjax import conversion
+  from decoderjax.checkpoints import exchange
 
   peak = {"RssAnon": 0, "RssFile": 0}
   done = threading.Event()
@@ -100,7 +101,7 @@ def child(source: str, output: str) -> None:
   thread = threading.Thread(target=watch)
   thread.start()
   start = time.perf_counter()
-  conversion.convert_hf(source, output, "bfloat16")
+  exchange.convert_hf(source, output, "bfloat16")
   seconds = time.perf_counter() - start
   done.set()
   thread.join()

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from decoderjax.data import data_config, pipeline
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
@@ -138,10 +140,10 @@ def throughput(root: str, mb: float) -> list[dict]:
 PIPELINE = """
 import json, sys, time, resource
 import numpy as np
-from decoderjax import data
+from decoderjax.data import data_config, pipeline
 start = time.perf_counter()
-cfg = data.DataConfig(source="prepared", path=sys.argv[1], tokenizer="byte", seq_len=1024)
-ds = data.load_dataset(cfg, "")
+cfg = data_config.DataConfig(source="prepared", path=sys.argv[1], tokenizer="byte", seq_len=1024)
+ds = pipeline.load_dataset(cfg, "")
 batches = ds.train_batches(8, seed=0)
 opened = time.perf_counter() - start
 start = time.perf_counter()
@@ -188,14 +190,14 @@ def step(root: str, steps: int, batch: int, seq: int, rounds: int) -> dict:
   write_text(corpus, 8)
   out = os.path.join(root, "step-prepared")
   run_child(prepare_command(corpus, out, "byte", 1))
-  from decoderjax import data, hostmem
+  from decoderjax.runtime import hostmem
 
   hostmem.keep_freed_memory()
   import train_throughput as tt
 
   cfg = tt.model_config(tt.SHAPES["gpt2"]).replace(max_seq_len=seq)
-  ds = data.load_dataset(
-    data.DataConfig(source="prepared", path=out, tokenizer="byte", seq_len=seq), ""
+  ds = pipeline.load_dataset(
+    data_config.DataConfig(source="prepared", path=out, tokenizer="byte", seq_len=seq), ""
   )
   batches = ds.train_batches(batch, seed=0)
   start = time.perf_counter()

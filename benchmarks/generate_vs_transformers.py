@@ -24,8 +24,10 @@ import time
 import jax
 import numpy as np
 
-from decoderjax import conversion, layout, modeldir, quant, sampling
-from decoderjax.sampling import SamplingConfig
+from decoderjax.checkpoints import exchange, modeldir
+from decoderjax.inference import sampling
+from decoderjax.inference.sampling import SamplingConfig
+from decoderjax.model import int_weights, layout
 
 SMOLLM2_135M = dict(
   vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -165,9 +167,11 @@ def main():
     for dtype in args.dtypes.split(","):
       ours_dir = os.path.join(tmp, dtype)
       if dtype == "int8":  # python -m decoderjax.quantize of the float32 conversion
-        modeldir.export_model_dir(os.path.join(tmp, "float32"), ours_dir, quant.quantizer("int8"))
+        modeldir.export_model_dir(
+          os.path.join(tmp, "float32"), ours_dir, int_weights.quantizer("int8")
+        )
       else:
-        conversion.convert_hf(hf_dir, ours_dir, dtype)
+        exchange.convert_hf(hf_dir, ours_dir, dtype)
       params = modeldir.load_model_dir(ours_dir).params
       weight_bytes = sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params))
       for batch in [int(b) for b in args.batches.split(",")]:

@@ -28,7 +28,9 @@ import tempfile
 import jax
 import numpy as np
 
-from decoderjax import layout, modeldir, pruning
+from decoderjax.checkpoints import modeldir
+from decoderjax.model import layout
+from decoderjax.model import sparsity as pruning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

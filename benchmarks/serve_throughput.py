@@ -47,8 +47,8 @@ def models(work: str) -> tuple[str, str]:
 
 def workload(directory: str, n: int, seed: int = 0) -> list[dict]:
   """n requests: token-id prompts cut from the corpus, and output lengths."""
-  from decoderjax import modeldir
-  from decoderjax.tokenizer import load_tokenizer
+  from decoderjax.checkpoints import modeldir
+  from decoderjax.data.tokenizer import load_tokenizer
 
   tok = load_tokenizer(os.path.join(directory, modeldir.TOKENIZER_DIR))
   with open(TEXT, encoding="utf-8") as f:

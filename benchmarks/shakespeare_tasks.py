@@ -1,4 +1,4 @@
-"""Fine-tuning tasks built from real text: the embedded Shakespeare corpus (decoderjax.corpus).
+"""Fine-tuning tasks built from real text: the embedded Shakespeare corpus (decoderjax.data.corpus).
 
   python benchmarks/shakespeare_tasks.py --output=/tmp/tasks [--plays=hamlet,macbeth,...]
 
@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from decoderjax import corpus
+from decoderjax.data import corpus
 
 DEFAULT_PLAYS = ("hamlet", "macbeth", "romeo_and_juliet", "midsummer_nights_dream")
 SPEAKER = re.compile(r"[A-Z][A-Za-z]{1,14}(?: [A-Z][A-Za-z]{1,14})?\.")

@@ -6,9 +6,9 @@
 
 Each row compiles decoderjax's real train step (bf16 compute, float32 parameters and AdamW
 state, FSDP over every chip unless the row says otherwise) for a slice through
-`decoderjax.aot.report`, in its own process, and prints bytes per chip, collective bytes, the
-roofline step time and the MFU it projects beside MaxText's published figure for the nearest
-configuration.
+`decoderjax.training.aot.report`, in its own process, and prints bytes per chip, collective
+bytes, the roofline step time and the MFU it projects beside MaxText's published figure for the
+nearest configuration.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ ROWS = {
 CHILD = """
 import json, sys
 import jax
-from decoderjax import aot, experiment
+from decoderjax.training import aot, experiment
 preset, topology, slices, seq, batch, remat, mesh = json.loads(sys.argv[1])
 config = experiment.base_config(preset, dtype="bfloat16", remat=remat, max_seq_len=seq)
 config.data.update(seq_len=seq)

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from decoderjax.data import batches, data_config
+
 SHAPES = {  # name: model and batch (nanoGPT's CPU recipe and baby char model, GPT-2 124M)
   "tiny": dict(layers=2, heads=4, width=128, vocab=256, batch=8, seq=64),
   "recipe": dict(layers=4, heads=4, width=128, vocab=65, batch=12, seq=64),
@@ -37,7 +39,7 @@ SHAPES = {  # name: model and batch (nanoGPT's CPU recipe and baby char model, G
 
 def model_config(shape: dict, scan: bool | None = None):
   """decoderjax's GPT-2-shaped config; layers scanned above 4 unless `scan` says otherwise."""
-  from decoderjax.config import ModelConfig
+  from decoderjax.model.config import ModelConfig
 
   scan = shape["layers"] > 4 if scan is None else scan
   return ModelConfig(
@@ -77,13 +79,14 @@ def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None, next_b
   import jax
   import numpy as np
 
-  from decoderjax import data, experiment, sharding
-  from decoderjax import state as state_lib
-  from decoderjax.optimizer import OptimizerConfig, make_optimizer, make_schedule
-  from decoderjax.steps import LossConfig, train_step
+  from decoderjax.runtime import sharding
+  from decoderjax.training import experiment
+  from decoderjax.training import state as state_lib
+  from decoderjax.training.optimizer import OptimizerConfig, make_optimizer, make_schedule
+  from decoderjax.training.steps import LossConfig, train_step
 
   exp = experiment.Experiment(
-    cfg, data.DataConfig(seq_len=seq), OptimizerConfig(), LossConfig(),
+    cfg, data_config.DataConfig(seq_len=seq), OptimizerConfig(), LossConfig(),
     experiment.TrainConfig(batch_size=batch_size), experiment.EvalConfig(),
     experiment.CheckpointConfig(), mesh_config or sharding.MeshConfig(),
   )  # fmt: skip
@@ -102,7 +105,7 @@ def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None, next_b
       donate_argnums=0,
     )  # fmt: skip
     window = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch_size, seq + 1))
-    batch = sharding.global_batch(mesh, data.pack_window(window, None))
+    batch = sharding.global_batch(mesh, batches.pack_window(window, None))
     start = time.perf_counter()
     compiled = fn.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - start
@@ -119,7 +122,8 @@ def compiled_train_step(cfg, batch_size: int, seq: int, mesh_config=None, next_b
 
 
 def run_decoderjax(shape: dict, steps: int, scan: bool | None = None) -> dict:
-  from decoderjax import hostmem, metrics, sharding
+  from decoderjax.runtime import hostmem, sharding
+  from decoderjax.training import metrics
 
   cfg = model_config(shape, scan)
   # as the train binary does, before JAX starts
@@ -167,7 +171,7 @@ def ceilings() -> dict:
   import numpy as np
   import torch
 
-  from decoderjax.metrics import matmul_flops
+  from decoderjax.training.metrics import matmul_flops
 
   n, best = 2048, {}
   best["xla_matmul_flops"] = matmul_flops(n, repeats=10)
@@ -232,7 +236,7 @@ def main():
     framework, shape = args.child.split(":")
     return child(framework, shape, args.steps, {"scan": True, "unrolled": False}.get(args.layers))
 
-  from decoderjax.metrics import flops_per_token
+  from decoderjax.training.metrics import flops_per_token
 
   limits = ceilings()
   results = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count()}

@@ -4,7 +4,7 @@ About 3 minutes on a 2-core CPU (validation loss about 1.6):
   python -m decoderjax.train --config=configs/default.py --workdir=/tmp/decoderjax
 """
 
-from decoderjax.experiment import base_config
+from decoderjax.training.experiment import base_config
 
 
 def get_config():

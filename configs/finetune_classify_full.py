@@ -7,7 +7,7 @@ training (FGM on the input embeddings) as a regularizer.
 --config.loss.adversarial=none turns the adversarial term off; pgd uses loss.adv_steps steps.
 """
 
-from decoderjax.experiment import finetune_base_config
+from decoderjax.training.experiment import finetune_base_config
 
 
 def get_config():

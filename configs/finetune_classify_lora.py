@@ -12,7 +12,7 @@ without improvement. Then: python -m decoderjax.evaluate --checkpoint=WORKDIR --
 and python -m decoderjax.predict --checkpoint=WORKDIR --text=...
 """
 
-from decoderjax.experiment import finetune_base_config
+from decoderjax.training.experiment import finetune_base_config
 
 
 def get_config():

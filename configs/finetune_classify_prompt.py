@@ -5,7 +5,7 @@ head train; every base parameter stays frozen.
     --config.init_from=MODEL_DIR --config.data.path=train.jsonl --config.data.eval_path=val.jsonl
 """
 
-from decoderjax.experiment import finetune_base_config
+from decoderjax.training.experiment import finetune_base_config
 
 
 def get_config():

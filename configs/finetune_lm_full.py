@@ -8,7 +8,7 @@ the base model's. Learning rates sit two orders below pretraining; freeze the fi
 --config.finetune.freeze_layers=N.
 """
 
-from decoderjax.experiment import finetune_base_config
+from decoderjax.training.experiment import finetune_base_config
 
 
 def get_config():

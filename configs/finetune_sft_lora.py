@@ -10,7 +10,7 @@ adapters; `python -m decoderjax.generate --checkpoint=WORKDIR` merges them on lo
 `python -m decoderjax.convert --to=decoderjax --input=WORKDIR --output=DIR` writes a merged model.
 """
 
-from decoderjax.experiment import finetune_base_config
+from decoderjax.training.experiment import finetune_base_config
 
 
 def get_config():

@@ -7,7 +7,7 @@ GPT-2 vocabulary sizes need a GPT-2 tokenizer.json (data.tokenizer=hf); by defau
 SentencePiece BPE is trained on the data.
 """
 
-from decoderjax.experiment import base_config
+from decoderjax.training.experiment import base_config
 
 
 def get_config():

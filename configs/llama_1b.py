@@ -5,7 +5,7 @@
     --config.data.tfds_name=c4/en
 """
 
-from decoderjax.experiment import base_config
+from decoderjax.training.experiment import base_config
 
 
 def get_config():

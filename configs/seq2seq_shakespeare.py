@@ -11,7 +11,7 @@ words in reverse order; `--config.data.source=jsonl --config.data.path=FILE` tra
     --source="To be, or not to be, that is the question"
 """
 
-from decoderjax.experiment import base_config
+from decoderjax.training.experiment import base_config
 
 
 def get_config():

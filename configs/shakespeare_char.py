@@ -5,7 +5,7 @@ Sized for an accelerator (nanoGPT reports validation loss about 1.47 after 5,000
     --config.data.source=text --config.data.path=tinyshakespeare.txt
 """
 
-from decoderjax.experiment import base_config
+from decoderjax.training.experiment import base_config
 
 
 def get_config():

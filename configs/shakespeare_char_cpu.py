@@ -8,7 +8,7 @@ dropout 0) on tiny Shakespeare. Same recipe and parameter count, with our defaul
 Without a data path it trains on the embedded Shakespeare corpus.
 """
 
-from decoderjax.experiment import base_config
+from decoderjax.training.experiment import base_config
 
 
 def get_config():

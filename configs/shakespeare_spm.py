@@ -3,7 +3,7 @@
 python -m decoderjax.train --config=configs/shakespeare_spm.py --workdir=/tmp/spm
 """
 
-from decoderjax.experiment import base_config
+from decoderjax.training.experiment import base_config
 
 
 def get_config():

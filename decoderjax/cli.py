@@ -3,15 +3,13 @@ and JAX's persistent compilation cache."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 import sys
 
 from absl import app, flags, logging
 
-from decoderjax import corpus, platforms
-from decoderjax.errors import TrainingError
+from decoderjax.runtime import cache_dirs, platforms
+from decoderjax.runtime.errors import TrainingError
 
 _COMPILATION_CACHE = flags.DEFINE_string(
   "compilation_cache",
@@ -51,7 +49,13 @@ def define_mesh_flags():
     axis: flags.DEFINE_integer(f"mesh_{axis}", 0, f"Devices on the {axis} axis (0: unsharded).")
     for axis in MESH_AXES
   }
-  return lambda: inference_mesh(**{axis: flag.value for axis, flag in sizes.items()})
+
+  def mesh():
+    from decoderjax.runtime import sharding  # here: binaries that never compile never load JAX
+
+    return sharding.inference_mesh(**{axis: flag.value for axis, flag in sizes.items()})
+
+  return mesh
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -70,51 +74,9 @@ def define_truncate_flag():
 def note_truncated(dropped: list[int], where: str) -> None:
   """Says on stderr, once per run, how many prompt tokens --truncate_prompt dropped."""
   if any(dropped):
-    from decoderjax import prompts
+    from decoderjax.inference import prompts
 
     print(f"note: {prompts.truncation_note(dropped, where)}", file=sys.stderr, flush=True)
-
-
-def inference_mesh(data: int = 0, fsdp: int = 0, tensor: int = 0):
-  """The mesh an inference tool runs on: None when every size is 0 (one device, unsharded);
-  else the sizes given, 1 for the others, and data taking the remaining devices if not given."""
-  sizes = {"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}
-  if not any(sizes.values()):
-    return None
-  from decoderjax import sharding
-
-  values = {axis: size or 1 for axis, size in sizes.items()}
-  if not sizes["data"]:
-    values["data"] = -1
-  return sharding.make_mesh(sharding.MeshConfig(**values))
-
-
-def host_fingerprint() -> str:
-  """The CPU model and instruction-set flags: XLA's compiled CPU code is only valid where they
-  match, and JAX's cache key does not include them (a home directory may be shared by hosts)."""
-  text = platform.machine() + platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      text += "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
-  except OSError:
-    pass
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def enable_compilation_cache(directory: str | None, min_seconds: float | None = None) -> None:
-  """Turns on JAX's persistent compilation cache in `directory` (None: the default above;
-  'none': off). Programs that compile in under `min_seconds` are not stored (None: JAX's
-  default, a second)."""
-  import jax  # here, not at the top: binaries that never compile (prepare) never load JAX
-
-  if directory is None:
-    directory = jax.config.jax_compilation_cache_dir or corpus.user_cache(
-      f"xla-{host_fingerprint()}"
-    )
-  off = directory.lower() == "none"
-  jax.config.update("jax_compilation_cache_dir", None if off else directory)
-  if min_seconds is not None:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
 
 
 def write_json(path: str, values) -> None:
@@ -131,7 +93,7 @@ def run(main, compiles: bool = True) -> None:
     logging.set_verbosity(logging.ERROR)  # Orbax's INFO/WARNING chatter off; --verbosity=0 on
     platforms.skip_absent_tpu()
     if compiles:
-      enable_compilation_cache(_COMPILATION_CACHE.value)
+      cache_dirs.enable_compilation_cache(_COMPILATION_CACHE.value)
     elif _COMPILATION_CACHE.value is not None:
       _fail("--compilation_cache: this binary compiles nothing")
     try:

@@ -22,9 +22,12 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles sid
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from decoderjax import aot, cli, experiment, modeldir  # noqa: E402
-from decoderjax.progress import format_bytes as size  # noqa: E402
-from decoderjax.tokenizer import SENTENCEPIECE_KINDS  # noqa: E402
+from decoderjax import cli
+from decoderjax.checkpoints import modeldir  # noqa: E402
+from decoderjax.data.tokenizer import SENTENCEPIECE_KINDS  # noqa: E402
+from decoderjax.runtime import topology
+from decoderjax.runtime.progress import format_bytes as size  # noqa: E402
+from decoderjax.training import aot, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _TOPOLOGY = flags.DEFINE_string(
@@ -71,7 +74,7 @@ def describe(r: aot.Report) -> str:
   if r.error:
     lines.append(f"compiler: {r.error}")
     return "\n".join(lines)
-  gpu = r.topology.split(":")[0] in aot.GPUS
+  gpu = r.topology.split(":")[0] in topology.GPUS
   for kind, by_axes in sorted(r.collectives.items()):
     for axes, row in sorted(by_axes.items()):
       link = "DCN" if row["dcn"] else "NVLink" if gpu else "ICI"

@@ -25,7 +25,8 @@ import os
 
 from absl import flags
 
-from decoderjax import cli, conversion, modeldir, peftio
+from decoderjax import cli
+from decoderjax.checkpoints import exchange, modeldir, peft_io
 
 _FROM = flags.DEFINE_enum(
   "from", None, ["hf", "gguf", "peft"], "Source format (into a model or adapter directory)."
@@ -64,17 +65,17 @@ def main(argv):
   if os.path.exists(_OUTPUT.value):
     raise ValueError(f"--output={_OUTPUT.value} already exists")
   if _FROM.value == "hf":
-    conversion.convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value, _TOKENIZER.value)
+    exchange.convert_hf(_INPUT.value, _OUTPUT.value, _DTYPE.value, _TOKENIZER.value)
   elif _FROM.value == "gguf":
-    conversion.convert_gguf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
+    exchange.convert_gguf(_INPUT.value, _OUTPUT.value, _DTYPE.value)
   elif _FROM.value == "peft":
-    peftio.import_peft(_INPUT.value, _BASE.value, _OUTPUT.value)
+    peft_io.import_peft(_INPUT.value, _BASE.value, _OUTPUT.value)
   elif _TO.value == "decoderjax":
     modeldir.export_model_dir(_INPUT.value, _OUTPUT.value)
   elif _TO.value == "peft":
-    peftio.export_peft(_INPUT.value, _OUTPUT.value)
+    peft_io.export_peft(_INPUT.value, _OUTPUT.value)
   else:
-    conversion.export_hf(_INPUT.value, _OUTPUT.value)
+    exchange.export_hf(_INPUT.value, _OUTPUT.value)
   print(f"wrote {_OUTPUT.value}")
 
 

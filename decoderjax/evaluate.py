@@ -22,9 +22,18 @@ import math
 import jax
 from absl import flags
 
-from decoderjax import cli, data, generator, metrics, modeldir, scoring, sharding, tasks
-from decoderjax.progress import Progress
-from decoderjax.steps import LossConfig, eval_step
+from decoderjax import cli
+from decoderjax.checkpoints import modeldir
+from decoderjax.data import data_config, tasks
+from decoderjax.data import examples as examples_lib
+from decoderjax.data import records as records_lib
+from decoderjax.data import rows as rows_lib
+from decoderjax.evaluation import scoring
+from decoderjax.inference import offline
+from decoderjax.runtime import sharding
+from decoderjax.runtime.progress import Progress
+from decoderjax.training import metrics
+from decoderjax.training.steps import LossConfig, eval_step
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
 _TEXT_FILE = flags.DEFINE_string("text_file", None, "Plain-text file to score.")
@@ -70,7 +79,9 @@ def score(model, rows, mesh) -> dict:
   bar = Progress(-(-len(rows["inputs"]) // _BATCH.value), "evaluate", "batches")
 
   def outputs():
-    ordered = tasks.take_rows(rows, tasks.by_length(rows))  # tight buckets; totals ignore order
+    ordered = rows_lib.take_rows(
+      rows, rows_lib.by_length(rows)
+    )  # tight buckets; totals ignore order
     for batch in tasks.row_batches(ordered, _BATCH.value, 0, True):
       yield jax.device_get(step(model.params, batch)), batch
       bar.advance()
@@ -107,19 +118,19 @@ def score_generations(model, records, fields, mesh) -> dict:
   tok, where = model.tokenizer, [f"{p}:{n}" for p, n, _ in records]
   sources = None
   if model.config.cross_attention:
-    pairs = [[tok.encode(tasks.record_text(r, f, w)) for f in tasks.SEQ2SEQ_FIELDS]
+    pairs = [[tok.encode(records_lib.record_text(r, f, w)) for f in examples_lib.SEQ2SEQ_FIELDS]
              for w, (_, _, r) in zip(where, records, strict=True)]  # fmt: skip
     sources, references = [s for s, _ in pairs], [tok.decode(t) for _, t in pairs]
-    prompts = [[tasks.start_id(tok)] for _ in records]
+    prompts = [[examples_lib.start_id(tok)] for _ in records]
   else:
     template = model.generation.get("chat_template")
-    pairs = [tasks.generation_example(r, tok, fields, template, w)
+    pairs = [examples_lib.generation_example(r, tok, fields, template, w)
              for w, (_, _, r) in zip(where, records, strict=True)]  # fmt: skip
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
   max_new = _MAX_NEW.value or 1 + max(len(tok.encode(r)) for r in references)
-  sampling = generator.sampling_config({}, temperature=0.0)
-  stops = generator.stop_ids(tok, model.generation)
-  gen = generator.Generator(model, generator.GenerateConfig(max_new, sampling, stops), mesh)
+  sampling = offline.sampling_config({}, temperature=0.0)
+  stops = offline.stop_ids(tok, model.generation)
+  gen = offline.Generator(model, offline.GenerateConfig(max_new, sampling, stops), mesh)
   prompts, dropped = gen.fit(prompts, truncate=_TRUNCATE.value)
   cli.note_truncated(dropped, "the model's context")
   bar = Progress(len(prompts), "generate", "answers")
@@ -163,27 +174,29 @@ def check_flags(model) -> None:
 def main(argv):
   del argv
   mesh = _MESH()
-  model = (generator.load if _GENERATE.value else modeldir.load_model_dir)(_CHECKPOINT.value, mesh)
+  model = (offline.load if _GENERATE.value else modeldir.load_model_dir)(_CHECKPOINT.value, mesh)
   check_flags(model)
   tok, seq_len, meta = model.tokenizer, row_length(model, model.metadata), model.metadata
-  fields = dataclasses.replace(data.DataConfig(), **meta.get("data_fields", {}))
+  fields = dataclasses.replace(data_config.DataConfig(), **meta.get("data_fields", {}))
   if _TEXT_FILE.value is not None:
     result = score_text(model, _TEXT_FILE.value, seq_len, mesh)
   elif model.config.num_labels:
-    records = tasks.read_records(_DATA_PATH.value)
-    rows = tasks.classify_rows(records, tok, fields, seq_len, model.labels)
+    records = records_lib.read_records(_DATA_PATH.value)
+    rows = examples_lib.classify_rows(records, tok, fields, seq_len, model.labels)
     result = score(model, rows, mesh)
   elif model.config.cross_attention:
-    records = tasks.read_records(_DATA_PATH.value)
-    rows, _ = tasks.seq2seq_rows(records, tok, seq_len)
+    records = records_lib.read_records(_DATA_PATH.value)
+    rows, _ = examples_lib.seq2seq_rows(records, tok, seq_len)
     result = {**score(model, rows, mesh), "examples": len(records)}
     if _GENERATE.value:
       result.update(score_generations(model, records, fields, mesh))
   else:
-    records = tasks.read_records(_DATA_PATH.value)
+    records = records_lib.read_records(_DATA_PATH.value)
     template = model.generation.get("chat_template")
-    examples = [tasks.sft_example(r, tok, fields, template, f"{p}:{n}") for p, n, r in records]
-    rows, _ = tasks.sft_rows(examples, seq_len)
+    examples = [
+      examples_lib.sft_example(r, tok, fields, template, f"{p}:{n}") for p, n, r in records
+    ]
+    rows, _ = examples_lib.sft_rows(examples, seq_len)
     result = score(model, rows, mesh)
     result["examples"] = len(examples)
     if _GENERATE.value:

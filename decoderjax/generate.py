@@ -13,10 +13,11 @@ import sys
 
 from absl import flags
 
-from decoderjax import cli, tasks
-from decoderjax import generator as generator_lib
-from decoderjax.config import KV_CACHES
-from decoderjax.generator import GenerateConfig, Generator, report
+from decoderjax import cli
+from decoderjax.data import chat_template, examples
+from decoderjax.inference import offline as generator_lib
+from decoderjax.inference.offline import GenerateConfig, Generator, report
+from decoderjax.model.config import KV_CACHES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for a batch.")
@@ -126,7 +127,9 @@ def encode_prompts(tok, template: str | None) -> tuple[list[str], list[list[int]
   if not prompts:
     raise ValueError("give --prompt=TEXT, --prompt_file=FILE, --prompt_tokens=IDS or --interactive")
   if template:
-    chats = [tasks.render_chat(template, [{"role": "user", "content": p}], tok) for p in prompts]
+    chats = [
+      chat_template.render_chat(template, [{"role": "user", "content": p}], tok) for p in prompts
+    ]
     return prompts, [tok.encode(c) for c in chats]
   return prompts, [tok.encode(p) for p in prompts]
 
@@ -182,7 +185,7 @@ def encode_sources(tok) -> tuple[list[str], list[list[int]], list[list[int]]]:
   prompts = list(_PROMPT.value or [""] * len(_SOURCE.value))
   if len(prompts) != len(_SOURCE.value):
     raise ValueError(f"{len(_SOURCE.value)} --source for {len(prompts)} --prompt: give one each")
-  start = tasks.start_id(tok)
+  start = examples.start_id(tok)
   encoded = [[start, *tok.encode(p)] for p in prompts]
   return prompts, encoded, [tok.encode(s) for s in _SOURCE.value]
 
@@ -199,10 +202,10 @@ def interactive(generator: Generator, tok, template: str | None, seq2seq=False) 
       print()
       return
     messages.append({"role": "user", "content": line.rstrip("\n")})
-    text = tasks.render_chat(template, messages, tok) if template else line.rstrip("\n")
+    text = chat_template.render_chat(template, messages, tok) if template else line.rstrip("\n")
     encoded, sources = [tok.encode(text)], None
     if seq2seq:
-      encoded, sources = [[tasks.start_id(tok)]], encoded
+      encoded, sources = [[examples.start_id(tok)]], encoded
     try:
       encoded, dropped = generator.fit(encoded, truncate=_TRUNCATE.value)
       cli.note_truncated(dropped, "the model's context")

@@ -11,8 +11,12 @@ import jax
 import numpy as np
 from absl import flags
 
-from decoderjax import cli, modeldir, sharding, tasks
-from decoderjax.steps import forward, pooled_logits
+from decoderjax import cli
+from decoderjax.checkpoints import modeldir
+from decoderjax.data import examples, records, tasks
+from decoderjax.data import rows as rows_lib
+from decoderjax.runtime import sharding
+from decoderjax.training.steps import forward, pooled_logits
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A classifier's model directory or workdir.")
 _TEXT = flags.DEFINE_multi_string("text", None, "A text to label; repeatable.")
@@ -29,7 +33,7 @@ def read_texts() -> list[tuple[str, str]]:
   texts = [(t, f"--text #{i + 1}") for i, t in enumerate(_TEXT.value or [])]
   path = _INPUT_FILE.value
   if path and path.endswith((".jsonl", ".json", ".csv")):
-    for file, line, record in tasks.read_records(path):
+    for file, line, record in records.read_records(path):
       if _TEXT_FIELD.value not in record:
         raise ValueError(f"{file}:{line}: no field {_TEXT_FIELD.value!r}")
       texts.append((str(record[_TEXT_FIELD.value]), f"{file}:{line}"))
@@ -50,16 +54,16 @@ def main(argv):
     raise ValueError(f"{_CHECKPOINT.value} is not a classifier (no labels)")
   texts = read_texts()
   room = model.config.text_len
-  rows, _ = tasks.text_rows(texts, model.tokenizer, min(meta.get("seq_len") or room, room))
+  rows, _ = examples.text_rows(texts, model.tokenizer, min(meta.get("seq_len") or room, room))
   cfg = model.config
   probs_fn = jax.jit(
     lambda p, b: jax.nn.softmax(pooled_logits(forward(p, cfg, b, None, True), b["last"]), -1)
   )
-  order = tasks.by_length(rows)  # similar lengths batch together, each batch cut to its bucket
+  order = rows_lib.by_length(rows)  # similar lengths batch together, each batch cut to its bucket
   probs = np.zeros((len(texts), cfg.num_labels), np.float32)
   done = 0
   with sharding.activate(mesh):
-    for batch in tasks.row_batches(tasks.take_rows(rows, order), _BATCH.value, 0, True):
+    for batch in tasks.row_batches(rows_lib.take_rows(rows, order), _BATCH.value, 0, True):
       picked = order[done : done + len(batch["inputs"])]  # the last batch's padding left out
       probs[picked] = np.asarray(probs_fn(model.params, batch))[: len(picked), 0]
       done += len(picked)

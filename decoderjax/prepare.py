@@ -18,7 +18,8 @@ import time
 
 from absl import flags
 
-from decoderjax import cli, preparation, shards, sources
+from decoderjax import cli
+from decoderjax.data import ingest, sources, token_store
 
 _INPUT = flags.DEFINE_string("input", None, "Comma-separated globs, or tfds:NAME:SPLIT.")
 _OUTPUT = flags.DEFINE_string("output", None, "The prepared directory to write (or --verify).")
@@ -68,7 +69,7 @@ def tokenizer_flags() -> tuple[str, str]:
   if os.path.isdir(kind):
     if path:
       raise ValueError("--tokenizer=DIR already names the tokenizer; drop --tokenizer_path")
-    inner = os.path.join(kind, shards.TOKENIZER)
+    inner = os.path.join(kind, token_store.TOKENIZER)
     return "saved", inner if os.path.isdir(inner) else kind
   return kind, path
 
@@ -76,13 +77,13 @@ def tokenizer_flags() -> tuple[str, str]:
 def main(argv):
   del argv
   if _VERIFY.value:
-    manifest = shards.verify(_OUTPUT.value)
+    manifest = token_store.verify(_OUTPUT.value)
     print(f"{_OUTPUT.value}: {len(manifest['shards'])} shards, {manifest['tokens']:,} tokens, ok")
     return
   if not _INPUT.value:
     raise ValueError("--input is required (globs, or tfds:NAME:SPLIT)")
   kind, path = tokenizer_flags()
-  cfg = preparation.PrepareConfig(
+  cfg = ingest.PrepareConfig(
     inputs=_INPUT.value,
     text_field=_TEXT_FIELD.value,
     tokenizer=kind,
@@ -95,7 +96,7 @@ def main(argv):
   )
   index, count = processes()
   start = time.perf_counter()
-  manifest = preparation.prepare(cfg, _OUTPUT.value, _WORKERS.value, index, count)
+  manifest = ingest.prepare(cfg, _OUTPUT.value, _WORKERS.value, index, count)
   seconds = time.perf_counter() - start
   if manifest is not None:
     print(

@@ -4,7 +4,7 @@
       --sparsity=0.5
   python -m decoderjax.prune --checkpoint=MODEL_DIR --output=PRUNED_DIR --pattern=2:4
 
-What is pruned and how: decoderjax/pruning.py. Recovery: python -m decoderjax.train
+What is pruned and how: decoderjax/model/sparsity.py. Recovery: python -m decoderjax.train
 --config=configs/finetune_lm_full.py --config.init_from=PRUNED_DIR ... keeps the zeros.
 """
 
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from absl import flags
 
-from decoderjax import cli, modeldir, pruning
-from decoderjax.config import parse_pruning
+from decoderjax import cli
+from decoderjax.checkpoints import modeldir
+from decoderjax.model import sparsity
+from decoderjax.model.config import parse_pruning
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the pruned model directory.")
@@ -25,11 +27,11 @@ flags.mark_flags_as_required(["checkpoint", "output"])
 def main(argv):
   del argv
   parse_pruning(_PATTERN.value)  # a bad pattern fails before anything is read
-  prune, counts = pruning.pruner(_PATTERN.value, _SPARSITY.value), []
+  prune, counts = sparsity.pruner(_PATTERN.value, _SPARSITY.value), []
 
   def transform(model):
     cfg, params = prune(model)
-    counts.extend(pruning.sparsity_of(params))
+    counts.extend(sparsity.sparsity_of(params))
     return cfg, params
 
   modeldir.export_model_dir(_CHECKPOINT.value, _OUTPUT.value, transform)

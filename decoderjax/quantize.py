@@ -4,8 +4,8 @@
   python -m decoderjax.quantize --checkpoint=MODEL_DIR --output=QUANT_DIR --mode=int4 \
       [--group_size=64] [--calibration_text=FILE]
 
-What is quantized and how: decoderjax/quant.py. The output loads in generate, evaluate and
-predict like any model directory.
+What is quantized and how: decoderjax/model/int_weights.py. The output loads in generate,
+evaluate and predict like any model directory.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from decoderjax import calibration, cli, modeldir, quant
+from decoderjax import cli
+from decoderjax.checkpoints import modeldir
+from decoderjax.model import calibration, int_weights
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the quantized model directory.")
-_MODE = flags.DEFINE_string("mode", "int8", f"One of {quant.MODES}.")
+_MODE = flags.DEFINE_string("mode", "int8", f"One of {int_weights.MODES}.")
 _GROUP = flags.DEFINE_integer("group_size", 64, "int4: inputs sharing one scale (even).")
 _CALIBRATION = flags.DEFINE_string(
   "calibration_text", None, "int4: a plain-text sample of the model's domain for GPTQ."
@@ -29,8 +31,8 @@ flags.mark_flags_as_required(["checkpoint", "output"])
 
 def main(argv):
   del argv
-  if _MODE.value not in quant.MODES:
-    raise ValueError(f"--mode must be one of {quant.MODES}, got {_MODE.value!r}")
+  if _MODE.value not in int_weights.MODES:
+    raise ValueError(f"--mode must be one of {int_weights.MODES}, got {_MODE.value!r}")
   calibrate = None
   if _CALIBRATION.value:
     if _MODE.value != "int4":
@@ -44,7 +46,7 @@ def main(argv):
       print(f"calibrating on {rows.size:,} tokens of {_CALIBRATION.value}", flush=True)
       return calibration.input_grams(model, rows)
 
-  transform = quant.quantizer(_MODE.value, _GROUP.value, calibrate)
+  transform = int_weights.quantizer(_MODE.value, _GROUP.value, calibrate)
   model = modeldir.export_model_dir(_CHECKPOINT.value, _OUTPUT.value, transform)
   written = modeldir.abstract_params(modeldir.read_config(_OUTPUT.value))  # shapes, no weights
   before, after = _nbytes(model.params), _nbytes(written)

@@ -3,8 +3,8 @@
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
     -d '{"model": "NAME", "prompt": "ROMEO.", "max_tokens": 32}'
 
-Requests are batched continuously over --slots decode rows (engine.py); every program compiles
-at start-up. SIGTERM stops taking requests, lets the running ones finish (up to
+Requests are batched continuously over --slots decode rows (inference/engine.py); every program
+compiles at start-up. SIGTERM stops taking requests, lets the running ones finish (up to
 --shutdown_timeout seconds), then exits.
 """
 
@@ -14,8 +14,9 @@ import os
 
 from absl import flags
 
-from decoderjax import cli, engine, generator
-from decoderjax.config import KV_CACHES
+from decoderjax import cli
+from decoderjax.inference import engine, offline
+from decoderjax.model.config import KV_CACHES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
@@ -41,12 +42,12 @@ def main(argv):
   try:
     import uvicorn
 
-    from decoderjax import server as server_lib
+    from decoderjax.inference import openai_api as server_lib
   except ImportError as e:
     raise ImportError(f"{e}: the server needs pip install -e '.[serve]'") from None
 
   mesh = _MESH()
-  model = generator.load(_CHECKPOINT.value, mesh, _KV_CACHE.value)
+  model = offline.load(_CHECKPOINT.value, mesh, _KV_CACHE.value)
   eng = engine.Engine(model, _SLOTS.value, _MAX_SEQ_LEN.value, mesh, _QUEUE.value)
   name = _NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
   print(f"serving {name}: {_SLOTS.value} slots of {eng.max_len} tokens, prompt buckets "

@@ -12,8 +12,12 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from decoderjax import cli, data, experiment, hostmem, metrics, modeldir, sharding, tasks, trainer
-from decoderjax.tokenizer import load_tokenizer
+from decoderjax import cli
+from decoderjax.checkpoints import modeldir
+from decoderjax.data import pipeline, tasks
+from decoderjax.data.tokenizer import load_tokenizer
+from decoderjax.runtime import hostmem, sharding
+from decoderjax.training import experiment, loop, metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; also a model directory.")
@@ -48,7 +52,7 @@ def main(argv):
     tokenizer = load_tokenizer(os.path.join(init_from, modeldir.TOKENIZER_DIR))
     template = modeldir.read_generation(init_from).get("chat_template")
   if data_cfg.task == "lm":
-    dataset = data.load_dataset(data_cfg, os.path.join(workdir, "data_cache"), tokenizer)
+    dataset = pipeline.load_dataset(data_cfg, os.path.join(workdir, "data_cache"), tokenizer)
   elif tokenizer is None and data_cfg.task != "seq2seq":  # seq2seq may start from scratch
     raise ValueError(
       f"data.task={data_cfg.task!r} fine-tunes a pretrained model: give --config.init_from=DIR"
@@ -68,7 +72,7 @@ def main(argv):
   batches = (train_batch, train_batch // accum, exp.eval.batch_size or train_batch)
   sharding.split_cpu(exp.mesh.cpu_devices, batches, metrics.matmul_params(exp.model))
   sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  final = trainer.train(exp, workdir, dataset)
+  final = loop.train(exp, workdir, dataset)
   if jax.process_count() > 1:  # leave together: no process exits while another still talks
     sharding.sync_hosts("decoderjax.train done")
     jax.distributed.shutdown()

@@ -12,14 +12,20 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # pytest workers each 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
+# The tests mirror the package's subpackages; a test module may import another's helpers
+# (`from test_hf import save_hf`) and the float64 reference (`import reference`) from any folder.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+for folder in sorted(os.scandir(TESTS), key=lambda e: e.name):
+  if folder.is_dir() and not folder.name.startswith((".", "_")):
+    sys.path.insert(0, folder.path)
+sys.path.insert(0, TESTS)
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Binaries run as subprocesses share one compilation cache for the session, not the user's
 # (this process read the variable at `import jax`, so its own compiles are not cached).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="decoderjax-xla-"))
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(TESTS)
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
 
 

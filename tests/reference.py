@@ -1,7 +1,8 @@
 """An independent float64 NumPy forward pass of the decoder, written from the papers' equations.
 
-It shares no code with decoderjax.model: loops over heads and positions instead of einsums, so a
-mistake in the vectorized model (masks, GQA grouping, RoPE layout, norms) shows up as a mismatch.
+It shares no code with decoderjax.model.decoder: loops over heads and positions instead of
+einsums, so a mistake in the vectorized model (masks, GQA grouping, RoPE layout, norms) shows
+up as a mismatch.
 """
 
 import math

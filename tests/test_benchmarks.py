@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from decoderjax import metrics
+from decoderjax.training import metrics
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
 
@@ -71,7 +71,7 @@ def test_finetune_vs_peft_task_and_schedule_match_ours(monkeypatch):
   import finetune_vs_peft
   import shakespeare_tasks
 
-  from decoderjax.optimizer import OptimizerConfig, make_schedule
+  from decoderjax.training.optimizer import OptimizerConfig, make_schedule
 
   train, val = shakespeare_tasks.line_classification()
   assert len(train) == 2400 and len(val) == 600
@@ -94,7 +94,7 @@ def test_finetune_vs_peft_feeds_peft_our_data_order(monkeypatch):
   monkeypatch.syspath_prepend(BENCHMARKS)
   import finetune_vs_peft
 
-  from decoderjax.tasks import TaskBatches
+  from decoderjax.data.tasks import TaskBatches
 
   n, batch, steps, seed = 13, 4, 9, 3  # 36 picks: three epochs, two of them split by a batch
   data = {"inputs": np.ones((n, 8), np.int32), "segment_ids": np.ones((n, 8), np.int32)}
