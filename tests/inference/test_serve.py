@@ -171,7 +171,7 @@ def test_chat_completions_use_the_chat_template(model_dir, client):
   [
     ({"temperature": -1}, "BadRequestError", "temperature"),
     ({"top_p": 0}, "BadRequestError", "top_p"),
-    ({"max_tokens": 91}, "BadRequestError", "plus 91 (max_tokens) is over the model's context"),
+    ({"max_tokens": 91}, "BadRequestError", r"plus 91 \(max_tokens\) is over the model's context"),
     ({"extra_body": {"bogus": 1}}, "BadRequestError", "bogus"),
     ({"model": "gpt-4"}, "NotFoundError", "does not exist"),
     ({"prompt": "~~~"}, "BadRequestError", "not in the char tokenizer"),
