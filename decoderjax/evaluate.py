@@ -9,6 +9,9 @@ and bits per byte.
 the completion tokens; with --generate, greedy completions of every prompt too, scored against
 the record's answer (exact match, ROUGE-L, BLEU, chrF) with the generation speed.
 --data_path with a classifier ({"text", "label"}): accuracy, macro-F1, examples, mean loss.
+--data_path with a preference-tuned model ({"prompt", "chosen", "rejected"} or chats): the
+training loss, chosen and rejected rewards, their margin and the preference accuracy, against
+the reference model the run trained with.
 --data_path with a cross-attention (seq2seq) model ({"source", "target"}): the loss over the
 target tokens and EOS; with --generate, greedy targets from each source, scored likewise.
 """
@@ -33,6 +36,7 @@ from decoderjax.inference import offline
 from decoderjax.runtime import sharding
 from decoderjax.runtime.progress import Progress
 from decoderjax.training import metrics
+from decoderjax.training.preference import WITH_REFERENCE
 from decoderjax.training.steps import LossConfig, eval_step
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory (or training workdir).")
@@ -79,9 +83,7 @@ def score(model, rows, mesh) -> dict:
   bar = Progress(-(-len(rows["inputs"]) // _BATCH.value), "evaluate", "batches")
 
   def outputs():
-    ordered = rows_lib.take_rows(
-      rows, rows_lib.by_length(rows)
-    )  # tight buckets; totals ignore order
+    ordered = rows_lib.take_rows(rows, rows_lib.by_length(rows))  # tight buckets, same totals
     for batch in tasks.row_batches(ordered, _BATCH.value, 0, True):
       yield jax.device_get(step(model.params, batch)), batch
       bar.advance()
@@ -95,6 +97,33 @@ def score(model, rows, mesh) -> dict:
   if model.config.num_labels:
     return totals
   return {"tokens": int(weight), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def score_preferences(model, records, fields, mesh) -> dict:
+  """A preference-tuned model on {prompt, chosen, rejected} pairs: its loss, rewards, margin and
+  preference accuracy, against the reference it trained with (config.json "preference")."""
+  settings = dict(model.metadata["preference"])
+  reference_dir = settings.pop("reference")
+  loss_cfg = LossConfig(**settings)
+  template = model.generation.get("chat_template")
+  pairs = [examples_lib.preference_example(r, model.tokenizer, fields, template, f"{p}:{n}")
+           for p, n, r in records]  # fmt: skip
+  rows, dropped = examples_lib.preference_rows(pairs, row_length(model, model.metadata))
+  if not len(rows["inputs"]):
+    raise ValueError(f"{_DATA_PATH.value}: no pair fits a row of {model.metadata['seq_len']}")
+  reference = {}
+  if loss_cfg.preference in WITH_REFERENCE:
+    reference = modeldir.load_model_dir(reference_dir, mesh).params
+  step = jax.jit(lambda p, b, r: eval_step(p, b, None, r, cfg=model.config, loss_cfg=loss_cfg))
+
+  def outputs():
+    ordered = rows_lib.take_rows(rows, rows_lib.by_length(rows))
+    for batch in tasks.row_batches(ordered, _BATCH.value, 0, True):
+      yield jax.device_get(step(model.params, batch, reference)), batch
+
+  with sharding.activate(mesh):
+    totals = metrics.eval_totals(outputs())
+  return {"pairs": int(totals.pop("weight")), "dropped": dropped, **totals}
 
 
 def score_text(model, path: str, seq_len: int, mesh) -> dict:
@@ -155,10 +184,12 @@ def check_flags(model) -> None:
   """One source to score, and no flag its mode would not use."""
   if (_TEXT_FILE.value is None) == (_DATA_PATH.value is None):
     raise ValueError("give exactly one of --text_file (plain text) or --data_path (records)")
-  generating = _DATA_PATH.value is not None and not model.config.num_labels and _GENERATE.value
+  records = _DATA_PATH.value is not None and not model.config.num_labels
+  records = records and "preference" not in model.metadata  # pairs: scored, not generated from
+  generating = records and _GENERATE.value
   for name, value, applies in (
     ("--stride", _STRIDE.value, _TEXT_FILE.value is not None),
-    ("--generate", _GENERATE.value, _DATA_PATH.value is not None and not model.config.num_labels),
+    ("--generate", _GENERATE.value, records),
     ("--max_new_tokens", _MAX_NEW.value, generating),
     ("--predictions", _PREDICTIONS.value, generating),
     ("--truncate_prompt", _TRUNCATE.value, generating),
@@ -184,6 +215,8 @@ def main(argv):
     records = records_lib.read_records(_DATA_PATH.value)
     rows = examples_lib.classify_rows(records, tok, fields, seq_len, model.labels)
     result = score(model, rows, mesh)
+  elif "preference" in meta:
+    result = score_preferences(model, records_lib.read_records(_DATA_PATH.value), fields, mesh)
   elif model.config.cross_attention:
     records = records_lib.read_records(_DATA_PATH.value)
     rows, _ = examples_lib.seq2seq_rows(records, tok, seq_len)

@@ -26,13 +26,16 @@ class DataConfig:
   seq_len: int = 256
   val_fraction: float = 0.1
   seed: int = 0
-  # Fine-tuning tasks (tasks.py): lm (a token stream), sft (instruction tuning) or classify.
+  # Fine-tuning tasks (tasks.py): lm (a token stream), sft (instruction tuning), classify,
+  # seq2seq or preference (pairs of responses to one prompt).
   task: str = "lm"
   prompt_field: str = "prompt"  # sft: {"prompt", "completion"} records ...
   completion_field: str = "completion"
   messages_field: str = "messages"  # ... or chat {"messages": [{"role", "content"}, ...]}
-  pack: bool = True  # sft, classify: a batch's examples share rows, whole (batch_size counts
-  # examples either way)
+  chosen_field: str = "chosen"  # preference: {"prompt", "chosen", "rejected"} texts, or chats
+  rejected_field: str = "rejected"  # {"chosen": [messages], "rejected": [messages]}
+  pack: bool = True  # sft, classify, preference: a batch's examples share rows, whole
+  # (batch_size counts examples, or pairs, either way)
   bucket: bool = True  # sft, classify unpacked: cut each batch to a bucket length >= its longest
   label_field: str = "label"  # classify: records {"text", "label"} (JSONL or CSV)
   labels: str = ""  # classify: comma-separated label names; empty: the training data's labels

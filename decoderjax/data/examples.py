@@ -13,7 +13,7 @@ from decoderjax.data.records import Record, record_field, record_text
 from decoderjax.data.rows import Rows
 from decoderjax.data.tokenizer import Tokenizer
 
-TASKS = ("sft", "classify", "seq2seq")
+TASKS = ("sft", "classify", "seq2seq", "preference")
 
 
 def sft_example(
@@ -137,6 +137,63 @@ def _fill_rows(examples, lengths, placed: list[tuple[int, int]], seq_len: int) -
   return rows
 
 
+def preference_example(
+  record: dict, tok: Tokenizer, cfg: DataConfig, chat_template: str | None, where: str
+) -> tuple[tuple[list[int], list[bool]], tuple[list[int], list[bool]]]:
+  """One preference record -> (chosen, rejected), each its tokens and a mask of the response
+  the loss covers. Text records {"prompt", "chosen", "rejected"} share the prompt; chat records
+  {"chosen": [messages], "rejected": [messages]} (or a "prompt" list of messages and one
+  assistant message each) are rendered with the chat template, the loss on the last assistant
+  message alone, and must share everything before it."""
+  for field in (cfg.chosen_field, cfg.rejected_field):
+    if field not in record:
+      raise ValueError(f"{where}: no field {field!r} (preference records hold both responses)")
+  if isinstance(record[cfg.chosen_field], list):
+    pair = [_chat_response(record, field, tok, chat_template, cfg, where) for field in
+            (cfg.chosen_field, cfg.rejected_field)]  # fmt: skip
+    (c, c_mask), (r, r_mask) = pair
+    if c[: c_mask.index(True)] != r[: r_mask.index(True)]:
+      raise ValueError(f"{where}: chosen and rejected do not share their prompt")
+    return (c, c_mask), (r, r_mask)
+  prompt = record_text(record, cfg.prompt_field, where)
+  head = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(prompt)
+  out = []
+  for field in (cfg.chosen_field, cfg.rejected_field):
+    tail = tok.encode(record_text(record, field, where))
+    tail += [] if tok.eos_id is None else [tok.eos_id]
+    out.append((head + tail, [False] * len(head) + [True] * len(tail)))
+  return out[0], out[1]
+
+
+def _chat_response(record, field, tok, template, cfg: DataConfig, where: str):
+  """A chat response (the prompt's messages, if given apart, then the field's) -> its tokens
+  and a mask of its last assistant message."""
+  messages = record[field]
+  if isinstance(record.get(cfg.prompt_field), list):
+    messages = record[cfg.prompt_field] + messages
+  if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+    raise ValueError(f"{where}: {field!r} must end with the assistant's response")
+  tokens, mask = _chat_example(messages, tok, template, cfg, where)
+  last = len(mask) - mask[::-1].index(True)  # the end of the last assistant span
+  first = last
+  while first > 0 and mask[first - 1]:
+    first -= 1
+  return tokens, [first <= i < last for i in range(len(mask))]
+
+
+def preference_rows(pairs, seq_len: int) -> tuple[Rows, int]:
+  """Pairs -> one row [seq_len] each, chosen (segment 1) then rejected (segment 2), with
+  `pair_weights` [rows, 1]; and how many pairs were dropped for not fitting a row together."""
+  fits = [(c, r) for c, r in pairs if len(c[0]) + len(r[0]) - 2 <= seq_len]
+  fits = [(c, r) for c, r in fits if min(len(c[0]), len(r[0])) >= 2]
+  examples = [e for pair in fits for e in pair]
+  lengths = [len(tokens) - 1 for tokens, _ in examples]
+  placed = [(i, i // 2) for i in range(len(examples))]
+  rows = _fill_rows(examples, lengths, placed, seq_len)
+  rows["pair_weights"] = np.ones((len(fits), 1), np.float32)
+  return rows, len(pairs) - len(fits)
+
+
 SEQ2SEQ_FIELDS = ("source", "target")
 
 
@@ -202,11 +259,12 @@ def label_names_of(records: list[Record], cfg: DataConfig) -> list[str]:
 def classify_rows(
   records: list[Record], tok: Tokenizer, cfg: DataConfig, seq_len: int, label_names: list[str]
 ) -> Rows:
-  """Classifier rows of `records`, one each: _classify's rows."""
-  return _classify(records, tok, cfg, seq_len, label_names)[0]
+  """Classifier rows of `records`, one each: classify_examples's rows."""
+  return classify_examples(records, tok, cfg, seq_len, label_names)[0]
 
 
-def _classify(records, tok, cfg, seq_len, label_names) -> tuple[Rows, int]:
+def classify_examples(records, tok, cfg, seq_len, label_names) -> tuple[Rows, int]:
+  """Classifier rows of `records`, one each, and how many texts were cut to seq_len."""
   index = {name: i for i, name in enumerate(label_names)}
   texts, labels = [], []
   for path, line, record in records:

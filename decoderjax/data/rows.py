@@ -32,7 +32,8 @@ def _first_fit(lengths: list[int], order, capacity: int) -> list[tuple[int, int]
 def pack_examples(rows: Rows, shards: int, capacity: int, slots: int = 0) -> Rows:
   """A batch of one-example rows -> the same examples packed whole into rows of `capacity`
   tokens (at least the longest example), each keeping its own segment id and positions, then
-  cut to a bucket length.
+  cut to a bucket length. An example of several segments (a preference pair: chosen, then
+  rejected) keeps them, numbered after those already in its row.
 
   The batch splits into `shards` equal groups (one per batch shard, in order), packed apart
   (first-fit, longest first) into as many rows as the fullest group needs, so every shard holds
@@ -56,16 +57,17 @@ def pack_examples(rows: Rows, shards: int, capacity: int, slots: int = 0) -> Row
     {k: np.zeros((shards * r, k_slots), v.dtype) for k, v in rows.items() if k not in tokens}
   )
   for g, placed in enumerate(placements):
-    used, count = np.zeros(r, int), np.zeros(r, int)
+    used, count, segments = np.zeros(r, int), np.zeros(r, int), np.zeros(r, int)
     for i, row in placed:
       o, start, j = g * r + row, used[row], count[row]
       end = start + lengths[i]
       for k in tokens:
         out[k][o, start:end] = rows[k][i, : lengths[i]]
-      out["segment_ids"][o, start:end] = j + 1
+      out["segment_ids"][o, start:end] += segments[row]  # the example's own, after the row's
       for k in out.keys() - tokens:
         out[k][o, j] = rows[k][i, 0] + (start if k == "last" else 0)
       used[row], count[row] = end, j + 1
+      segments[row] += rows["segment_ids"][i].max()
   return cut_to_bucket(out, used_length(out["segment_ids"]))
 
 

@@ -25,8 +25,10 @@ from decoderjax.data.data_config import DataConfig
 from decoderjax.data.examples import (
   SEQ2SEQ_FIELDS,
   TASKS,
-  _classify,
+  classify_examples,
   label_names_of,
+  preference_example,
+  preference_rows,
   reversal_records,
   seq2seq_rows,
   sft_example,
@@ -123,7 +125,7 @@ class TaskBatches:
 
 @dataclasses.dataclass(frozen=True)
 class TaskDataset:
-  task: str  # sft or classify
+  task: str  # sft, classify, seq2seq or preference
   tokenizer: Tokenizer
   train: Rows
   val: Rows
@@ -144,7 +146,10 @@ class TaskDataset:
       + ("packed per batch" if self.config.pack else "a row each")
       + (", bucketed" if self.config.bucket else "")
     )
-    return text + (f", {s['truncated']:,} truncated" if s.get("truncated") else "")
+    text += f", {s['truncated']:,} truncated" if s.get("truncated") else ""
+    if s.get("dropped") or s.get("val_dropped"):
+      text += f", {s['dropped']:,} train / {s['val_dropped']:,} val pairs over data.seq_len dropped"
+    return text
 
   def eval_batches(
     self, batch_size: int, max_batches: int = 0, multiple: int = 1
@@ -219,6 +224,8 @@ def load_task_dataset(
     return _seq2seq_dataset(cfg, tok, train, val)
   if cfg.task == "sft":
     return _sft_dataset(cfg, tok, chat_template, train, val)
+  if cfg.task == "preference":
+    return _preference_dataset(cfg, tok, chat_template, train, val)
   return _classify_dataset(cfg, tok, train, val)
 
 
@@ -239,12 +246,19 @@ def _split(records: list[Record], fraction: float, seed: int) -> tuple[list, lis
   )
 
 
+def _encoded(example, to_rows, cfg, tok, chat_template, *splits):
+  """Each split's (records, rows, what to_rows cut or dropped): `example` encodes a record."""
+  out = []
+  for records in splits:
+    encoded = [example(r, tok, cfg, chat_template, f"{p}:{n}") for p, n, r in records]
+    out.append((len(encoded), *to_rows(encoded, cfg.seq_len)))
+  return out
+
+
 def _sft_dataset(cfg, tok, chat_template, train, val) -> TaskDataset:
-  split = {}
-  for name, records in (("train", train), ("val", val)):
-    examples = [sft_example(r, tok, cfg, chat_template, f"{p}:{n}") for p, n, r in records]
-    split[name] = (len(examples), *sft_rows(examples, cfg.seq_len))
-  (n_train, rows, truncated), (n_val, val_rows, _) = split["train"], split["val"]
+  (n_train, rows, truncated), (n_val, val_rows, _) = _encoded(
+    sft_example, sft_rows, cfg, tok, chat_template, train, val
+  )
   val_rows = validation_rows(val_rows, cfg)
   if not len(rows["inputs"]) or not len(val_rows["inputs"]):
     raise ValueError(f"{cfg.path}: no example has the 2 tokens a training pair needs")
@@ -257,6 +271,28 @@ def _sft_dataset(cfg, tok, chat_template, train, val) -> TaskDataset:
     "loss_tokens": int(rows["weights"].sum()),
   }
   return TaskDataset("sft", tok, rows, val_rows, None, stats, cfg)
+
+
+def _preference_dataset(cfg, tok, chat_template, train, val) -> TaskDataset:
+  (n_train, rows, dropped), (n_val, val_rows, val_dropped) = _encoded(
+    preference_example, preference_rows, cfg, tok, chat_template, train, val
+  )
+  if not len(rows["inputs"]) or not len(val_rows["inputs"]):
+    where = cfg.path if not len(rows["inputs"]) else cfg.eval_path or cfg.path
+    raise ValueError(
+      f"{where}: no preference pair fits a row of data.seq_len={cfg.seq_len} tokens (chosen and "
+      "rejected together)"
+    )
+  stats = {
+    "examples": n_train - dropped,
+    "val_examples": n_val - val_dropped,
+    "truncated": 0,
+    "dropped": dropped,
+    "val_dropped": val_dropped,
+    "tokens": int((rows["segment_ids"] != 0).sum()),
+    "loss_tokens": int(rows["weights"].sum()),
+  }
+  return TaskDataset("preference", tok, rows, validation_rows(val_rows, cfg), None, stats, cfg)
 
 
 def _seq2seq_dataset(cfg, tok, train, val) -> TaskDataset:
@@ -279,8 +315,8 @@ def _seq2seq_dataset(cfg, tok, train, val) -> TaskDataset:
 
 def _classify_dataset(cfg, tok, train, val) -> TaskDataset:
   names = label_names_of(train, cfg)
-  rows, truncated = _classify(train, tok, cfg, cfg.seq_len, names)
-  val_rows, _ = _classify(val, tok, cfg, cfg.seq_len, names)
+  rows, truncated = classify_examples(train, tok, cfg, cfg.seq_len, names)
+  val_rows, _ = classify_examples(val, tok, cfg, cfg.seq_len, names)
   val_rows = validation_rows(val_rows, cfg)
   tokens = int((rows["segment_ids"] != 0).sum())
   counts = np.bincount(rows["labels"][:, 0], minlength=len(names))

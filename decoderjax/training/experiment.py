@@ -143,6 +143,24 @@ def data_config(config: ml_collections.ConfigDict) -> DataConfig:
   return _section(DataConfig, config.get("data"), "data")
 
 
+def _preference_settings(loss: LossConfig, data, finetune: FinetuneConfig) -> LossConfig:
+  """A preference run's loss (DPO unless loss.preference names another); the preference
+  settings are an error anywhere else, as is a method whose reference is not the base."""
+  defaults = LossConfig()
+  if data.task != "preference":
+    for field in ("preference", "beta", "simpo_gamma"):
+      if getattr(loss, field) != getattr(defaults, field):
+        raise ValueError(f"loss.{field} applies to data.task='preference', not {data.task!r}")
+    return loss
+  for field in ("adversarial", "z_loss"):
+    if getattr(loss, field) != getattr(defaults, field):
+      raise ValueError(f"loss.{field} is a token-loss setting; data.task='preference' has none")
+  if finetune.method not in ("full", "lora"):
+    raise ValueError(f"data.task='preference' trains by finetune.method full or lora, not "
+                     f"{finetune.method!r}")  # fmt: skip
+  return dataclasses.replace(loss, preference=loss.preference or "dpo")
+
+
 def experiment_from_config(
   config: ml_collections.ConfigDict,
   vocab_size: int,
@@ -199,10 +217,11 @@ def experiment_from_config(
     )
   if train.on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {train.on_nonfinite!r}")
-  loss = _section(LossConfig, config.get("loss"), "loss")
+  data = data_config(config)
+  loss = _preference_settings(_section(LossConfig, config.get("loss"), "loss"), data, finetune)
   return Experiment(
     model=model,
-    data=data_config(config),
+    data=data,
     optimizer=_section(OptimizerConfig, config.get("optimizer"), "optimizer"),
     loss=dataclasses.replace(loss, skip_nonfinite=train.on_nonfinite == "skip"),
     train=train,

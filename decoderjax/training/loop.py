@@ -24,8 +24,10 @@ from decoderjax.runtime.errors import TrainingError
 from decoderjax.training import metrics as metrics_lib
 from decoderjax.training import state as state_lib
 from decoderjax.training.experiment import Experiment
+from decoderjax.training.preference import STATISTICS
 
-DATA_FIELDS = ("text_field", "label_field", "prompt_field", "completion_field", "messages_field")
+DATA_FIELDS = ("text_field", "label_field", "prompt_field", "completion_field", "messages_field",
+               "chosen_field", "rejected_field")  # fmt: skip
 
 
 def check_workdir(workdir: str, exp: Experiment) -> None:
@@ -81,6 +83,12 @@ def write_run_metadata(exp: Experiment, workdir: str, dataset: pipeline.Dataset)
       "trained_len": trained_length(exp),  # generation's default window
       "data_fields": {f: getattr(exp.data, f) for f in DATA_FIELDS} if dataset.task != "lm" else {},
     }
+    if exp.data.task == "preference":  # what evaluate scores pairs with
+      loss = exp.loss
+      extra["preference"] = {
+        "preference": loss.preference, "beta": loss.beta, "simpo_gamma": loss.simpo_gamma,
+        "label_smoothing": loss.label_smoothing, "reference": os.path.abspath(exp.init_from),
+      }  # fmt: skip
     if exp.init_from:  # the architecture its checkpoint came as, for convert --to=hf
       extra["hf_architecture"] = modeldir.read_metadata(exp.init_from).get("hf_architecture")
     if exp.finetune.method != "full":  # the workdir holds the adapters; the base stays put
@@ -93,7 +101,7 @@ def write_run_metadata(exp: Experiment, workdir: str, dataset: pipeline.Dataset)
 CLASSIFY_METRICS = ("accuracy", "macro_f1", "examples")
 
 
-def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh) -> dict:
+def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh, reference=None) -> dict:
   """Validation loss (and a classifier's accuracy and macro-F1) over the validation split."""
   batch_size = exp.eval.batch_size or exp.train.batch_size
   sharding_lib.local_batch_rows(mesh, batch_size)  # divides over the devices, or an error
@@ -103,7 +111,7 @@ def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh) -> dict:
     for batch in dataset.eval_batches(batch_size, exp.eval.max_batches, shards):
       rows = sharding_lib.local_batch_rows(mesh, len(batch["inputs"]))  # balanced: may be fewer
       global_batch = sharding_lib.global_batch(mesh, {k: v[rows] for k, v in batch.items()})
-      out = eval_fn(params, global_batch, frozen)
+      out = eval_fn(params, global_batch, frozen, reference or {})
       if "predictions" in out:  # sharded over the batch: gathered onto every host
         out = {**out, "predictions": sharding_lib.fetch(out["predictions"])}
       yield out, batch
@@ -112,6 +120,8 @@ def evaluate(eval_fn, params, frozen, dataset, exp: Experiment, mesh) -> dict:
   loss = totals["loss"]
   if exp.model.num_labels:
     result = {"val_loss": loss, **{f"val_{k}": totals[k] for k in CLASSIFY_METRICS}}
+  elif exp.data.task == "preference":
+    result = {"val_loss": loss, **{f"val_{k}": totals[k] for k in STATISTICS}}
   else:
     result = {"val_loss": loss, "val_perplexity": float(np.exp(min(loss, 50.0)))}
   metric = result[exp.train.best_metric]
@@ -226,6 +236,7 @@ class _Run:
     self.batches = dataset.train_batches(exp.train.batch_size, exp.data.seed, rows, shards)
     self.mngr = orbax_layout.manager(workdir, exp.checkpoint.keep, exp.checkpoint.keep_best)
     self.state, self.frozen = self._restore_or_init(optimizer)
+    self.reference = state_lib.reference_params(exp, self.layout, mesh)
     self._describe()
     self.logger = metrics_lib.Logger(workdir, exp.train.steps, int(self.state.step))
     self.samples = not exp.model.num_labels and exp.train.sample_tokens > 0  # (a classifier: none)
@@ -264,7 +275,9 @@ class _Run:
 
   def evaluate(self) -> dict:
     exp, state = self.exp, self.state
-    return evaluate(self.eval_fn, state.params, self.frozen, self.dataset, exp, self.mesh)
+    return evaluate(
+      self.eval_fn, state.params, self.frozen, self.dataset, exp, self.mesh, self.reference
+    )
 
   def save(self, step: int, metrics: dict | None = None) -> None:
     if self.mngr.latest_step() == step:  # already saved this step (e.g. SIGTERM right after one)
@@ -298,6 +311,7 @@ class _Run:
       "tokens_per_sec": tokens_per_sec,
       "mfu": self.flops_per_token * tokens_per_sec / (self.peak * jax.device_count()),
       **self.batches.tokens_seen(step),  # a mixture's tokens per source
+      **{k: float(m[k]) for k in STATISTICS if k in m},  # a preference batch's, per pair
     }
 
   def sample(self, step: int, seed: int) -> str:
@@ -344,7 +358,7 @@ def _loop(run: _Run) -> dict:
     run.save(0, _without(best.result, "step"))
   next_batch = run.batch(start)
   for step in range(start, steps):
-    run.state, m = run.step_fn(run.state, next_batch, run.frozen)  # dispatched asynchronously
+    run.state, m = run.step_fn(run.state, next_batch, run.frozen, run.reference)  # async
     clock.count(next_batch)
     done = step + 1
     if done < steps:  # prefetch: the next batch is built and sent meanwhile

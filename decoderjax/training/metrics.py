@@ -17,6 +17,7 @@ import numpy as np
 from decoderjax.model.config import ModelConfig
 from decoderjax.runtime import chips
 from decoderjax.runtime.progress import Progress
+from decoderjax.training.preference import STATISTICS
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -108,16 +109,21 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
 
 def eval_totals(outputs, num_labels: int = 0) -> dict:
   """(eval_step output on the host, batch) pairs -> {"loss", "weight"} summed over all of them,
-  plus a classifier's accuracy, macro-F1 and example count over the real (weighted) rows."""
+  plus a classifier's accuracy, macro-F1 and example count over the real (weighted) rows, and
+  a preference batch's statistics (preference.STATISTICS) per pair."""
   loss_sum = weight = 0.0
-  predictions, labels = [], []
+  predictions, labels, stats = [], [], {}
   for out, batch in outputs:
     loss_sum, weight = loss_sum + float(out["loss_sum"]), weight + float(out["weight_sum"])
+    for k in STATISTICS:
+      if k in out:
+        stats[k] = stats.get(k, 0.0) + float(out[k])
     if "predictions" in out:
       real = batch["example_weights"] > 0
       predictions.append(np.asarray(out["predictions"])[real])
       labels.append(batch["labels"][real])
   totals = {"loss": loss_sum / max(weight, 1.0), "weight": weight}
+  totals.update({k: v / max(weight, 1.0) for k, v in stats.items()})
   if predictions:
     totals.update(
       classification_metrics(np.concatenate(predictions), np.concatenate(labels), num_labels)

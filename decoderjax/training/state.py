@@ -16,6 +16,7 @@ from decoderjax.model.decoder import init_params, param_shapes
 from decoderjax.runtime import sharding as sharding_lib
 from decoderjax.training.experiment import Experiment
 from decoderjax.training.optimizer import make_optimizer, make_schedule
+from decoderjax.training.preference import WITH_REFERENCE
 from decoderjax.training.steps import TrainState, eval_step, train_step
 
 
@@ -102,7 +103,12 @@ def jit_train_step(exp: Experiment, optimizer, layout, mesh):
   )
   return jax.jit(
     step,
-    in_shardings=(layout["state"], sharding_lib.batch_sharding(mesh), layout["frozen"]),
+    in_shardings=(
+      layout["state"],
+      sharding_lib.batch_sharding(mesh),
+      layout["frozen"],
+      _reference_sharding(exp, layout),
+    ),
     out_shardings=(layout["state"], None),
     donate_argnums=0,
   )
@@ -112,8 +118,33 @@ def jit_eval_step(exp: Experiment, layout, mesh):
   """The eval step, jitted with the parameters' shardings: -> loss sums (and predictions)."""
   return jax.jit(
     functools.partial(eval_step, cfg=exp.model, loss_cfg=exp.loss),
-    in_shardings=(layout["state"].params, sharding_lib.batch_sharding(mesh), layout["frozen"]),
+    in_shardings=(
+      layout["state"].params, sharding_lib.batch_sharding(mesh), layout["frozen"],
+      _reference_sharding(exp, layout),
+    ),
+  )  # fmt: skip
+
+
+def holds_reference(exp: Experiment) -> bool:
+  """Whether the run keeps a frozen copy of its initial parameters as the reference model (a
+  full fine-tune by DPO or IPO; a LoRA run's reference is its base, without the adapters)."""
+  return (
+    exp.data.task == "preference"
+    and exp.loss.preference in WITH_REFERENCE
+    and exp.finetune.method == "full"
   )
+
+
+def _reference_sharding(exp: Experiment, layout):
+  return layout["state"].params if holds_reference(exp) else {}
+
+
+def reference_params(exp: Experiment, layout, mesh) -> dict:
+  """A preference run's reference parameters: step 0's (the init_from model's), the same at a
+  resume; empty where the run needs no copy (holds_reference)."""
+  if not holds_reference(exp):
+    return {}
+  return initial_params(exp, layout, mesh)
 
 
 def init_state(exp: Experiment, optimizer, mesh) -> tuple[TrainState, dict]:

@@ -13,6 +13,13 @@ import optax
 from decoderjax.model.adapters import combine
 from decoderjax.model.config import ModelConfig
 from decoderjax.model.decoder import Decoder
+from decoderjax.training.preference import (
+  PREFERENCE_LOSSES,
+  STATISTICS,
+  WITH_REFERENCE,
+  preference_loss,
+  segment_logps,
+)
 
 Array = jax.Array
 
@@ -31,12 +38,24 @@ class LossConfig:
   adv_steps: int = 3
   adv_step_size: float = 0.5
   adv_weight: float = 1.0
+  # Preference pairs (data.task=preference): one of preference.PREFERENCE_LOSSES (empty: dpo),
+  # its beta (ORPO's lambda) and SimPO's target margin gamma; label_smoothing above is then
+  # cDPO's (and SimPO's) probability that a pair's labels are flipped.
+  preference: str = ""
+  beta: float = 0.1
+  simpo_gamma: float = 0.5
 
   def __post_init__(self):
     if self.adversarial not in ("none", "fgm", "pgd"):
       raise ValueError(f"loss.adversarial must be none, fgm or pgd, got {self.adversarial!r}")
     if self.adversarial != "none" and (self.adv_epsilon <= 0 or self.adv_steps < 1):
       raise ValueError("loss.adv_epsilon must be positive and loss.adv_steps >= 1")
+    if self.preference not in ("", *PREFERENCE_LOSSES):
+      raise ValueError(
+        f"loss.preference must be one of {PREFERENCE_LOSSES}, got {self.preference!r}"
+      )
+    if self.beta <= 0:
+      raise ValueError(f"loss.beta must be positive, got {self.beta}")
 
 
 @flax.struct.dataclass
@@ -130,10 +149,31 @@ def adversarial_delta(loss_of_delta, shape, loss_cfg: LossConfig):
   return jax.lax.stop_gradient(delta)
 
 
-def batch_loss(trainable, frozen, cfg, batch, rng, loss_cfg: LossConfig, deterministic: bool):
-  """Objective sum (gradients flow to `trainable` only) and aux (weight sum, clean loss sum)."""
+def reference_logps(trainable, frozen, reference, cfg, batch, loss_cfg: LossConfig):
+  """The frozen reference model's segment log-probabilities of a preference batch (DPO, IPO):
+  `reference`'s parameters (full fine-tuning), else the model with its LoRA adapters at zero,
+  which is the base exactly; None for the losses without a reference."""
+  if loss_cfg.preference not in WITH_REFERENCE:
+    return None
+  if not reference:
+    reference = combine(jax.tree.map(jnp.zeros_like, trainable), frozen)
+  logits = forward(jax.lax.stop_gradient(reference), cfg, batch, None, True)
+  return jax.tree.map(jax.lax.stop_gradient, segment_logps(logits, batch))
+
+
+def batch_loss(
+  trainable, frozen, cfg, batch, rng, loss_cfg: LossConfig, deterministic: bool, reference=None
+):  # fmt: skip
+  """Objective sum (gradients flow to `trainable` only) and aux (weight sum, clean loss sum,
+  sums of the task's statistics). `reference`: a preference run's reference parameters."""
   params = combine(trainable, frozen)
+  if loss_cfg.preference == "orpo":  # its NLL term reads every column, the prompt's too
+    batch = {k: v for k, v in batch.items() if k != "loss_at"}
   logits = forward(params, cfg, batch, rng, deterministic)
+  if "pair_weights" in batch:
+    ref = reference_logps(trainable, frozen, reference, cfg, batch, loss_cfg)
+    loss_sum, weight_sum, stats = preference_loss(logits, batch, ref, loss_cfg)
+    return loss_sum, (weight_sum, loss_sum, stats)
   loss_sum, weight_sum = task_loss(logits, batch, loss_cfg, cfg.vocab_pad)
   objective = loss_sum
   if loss_cfg.adversarial != "none":
@@ -147,13 +187,18 @@ def batch_loss(trainable, frozen, cfg, batch, rng, loss_cfg: LossConfig, determi
       lambda d: perturbed_loss(d) / jnp.maximum(weight_sum, 1.0), (b, t, cfg.embed_dim), loss_cfg
     )
     objective = loss_sum + loss_cfg.adv_weight * perturbed_loss(delta)
-  return objective, (weight_sum, loss_sum)
+  return objective, (weight_sum, loss_sum, {})
 
 
-def train_step(state: TrainState, batch, frozen, *, cfg, optimizer, loss_cfg: LossConfig, schedule):
+def train_step(
+  state: TrainState, batch, frozen, reference=None, *, cfg, optimizer, loss_cfg: LossConfig,
+  schedule,
+):  # fmt: skip
   """One optimizer step over (possibly accumulated) microbatches; returns (state, metrics).
 
-  `state.params` are the trainable parameters; `frozen` the rest of the model (may be empty).
+  `state.params` are the trainable parameters; `frozen` the rest of the model (may be empty);
+  `reference` a preference run's frozen reference parameters (empty: none, or the base of
+  LoRA adapters).
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   deterministic = not (
@@ -162,17 +207,19 @@ def train_step(state: TrainState, batch, frozen, *, cfg, optimizer, loss_cfg: Lo
   a = loss_cfg.grad_accum_steps
 
   def micro(carry, xs):
-    grads, objective_sum, loss_sum, weight_sum = carry
+    grads, objective_sum, loss_sum, weight_sum, stats = carry
     micro_batch, i = xs
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
-    (micro_objective, (micro_weight, micro_loss)), g = grad_fn(
-      state.params, frozen, cfg, micro_batch, jax.random.fold_in(rng, i), loss_cfg, deterministic
-    )
+    (micro_objective, (micro_weight, micro_loss, micro_stats)), g = grad_fn(
+      state.params, frozen, cfg, micro_batch, jax.random.fold_in(rng, i), loss_cfg, deterministic,
+      reference,
+    )  # fmt: skip
     carry = (
       jax.tree.map(jnp.add, grads, g),
       objective_sum + micro_objective,
       loss_sum + micro_loss,
       weight_sum + micro_weight,
+      jax.tree.map(jnp.add, stats, micro_stats),
     )
     return carry, None
 
@@ -181,8 +228,9 @@ def train_step(state: TrainState, batch, frozen, *, cfg, optimizer, loss_cfg: Lo
     lambda x: x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1), batch
   )
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, objective_sum, loss_sum, weight_sum), _ = jax.lax.scan(
-    micro, (zeros, 0.0, 0.0, 0.0), (micro_batches, jnp.arange(a))
+  no_stats = {k: 0.0 for k in STATISTICS} if "pair_weights" in batch else {}  # summed as the loss
+  (grads, objective_sum, loss_sum, weight_sum, stats), _ = jax.lax.scan(
+    micro, (zeros, 0.0, 0.0, 0.0, no_stats), (micro_batches, jnp.arange(a))
   )
   denom = jnp.maximum(weight_sum, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
@@ -201,13 +249,21 @@ def train_step(state: TrainState, batch, frozen, *, cfg, optimizer, loss_cfg: Lo
     "param_norm": optax.global_norm(new_state.params),
     "learning_rate": schedule(state.step),
     "tokens": weight_sum,
+    **{k: v / denom for k, v in stats.items()},
   }
+  if "pair_weights" in batch:
+    metrics["pairs"] = metrics.pop("tokens")
   return new_state, metrics
 
 
-def eval_step(params, batch, frozen=None, *, cfg, loss_cfg: LossConfig):
+def eval_step(params, batch, frozen=None, reference=None, *, cfg, loss_cfg: LossConfig):
   """Summed validation loss and weight of one batch (no z-loss, no smoothing); a classifier's
-  predicted labels too."""
+  predicted labels too; a preference batch's statistics' sums."""
+  if "pair_weights" in batch:
+    loss_sum, (weight_sum, _, stats) = batch_loss(
+      params, frozen or {}, cfg, batch, None, loss_cfg, True, reference
+    )
+    return {"loss_sum": loss_sum, "weight_sum": weight_sum, **stats}
   params = combine(params, frozen or {})
   logits = forward(params, cfg, batch, None, True)
   plain = dataclasses.replace(loss_cfg, z_loss=0.0, label_smoothing=0.0)

@@ -14,10 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_hf import assert_same_logits  # noqa: E402
 
-from decoderjax.checkpoints import (
-  exchange,
-  modeldir,  # noqa: E402
-)
+from decoderjax.checkpoints import exchange, modeldir
 
 V, D, N, K, F, L = 256, 64, 4, 2, 128, 2
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]

@@ -16,10 +16,7 @@ transformers = pytest.importorskip("transformers")
 from test_gguf import close, tokenizer_pieces  # noqa: E402
 from test_hf import COMMON, V, assert_same_logits  # noqa: E402
 
-from decoderjax.checkpoints import (
-  exchange,
-  modeldir,  # noqa: E402
-)
+from decoderjax.checkpoints import exchange, modeldir
 
 # Shapes transformers' GGUF loader reads back whole: it takes Qwen3's head_dim, Gemma's query
 # scale and soft-caps and Gemma 3's layer pattern and local RoPE base from its defaults.

@@ -13,10 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from decoderjax.checkpoints import (
-  exchange,
-  modeldir,  # noqa: E402
-)
+from decoderjax.checkpoints import exchange, modeldir
 from decoderjax.model.decoder import Decoder  # noqa: E402
 
 V = 256

@@ -15,11 +15,7 @@ peft = pytest.importorskip("peft")
 
 from test_hf import save_hf, tokenizer_json  # noqa: E402, F401  (fixture)
 
-from decoderjax.checkpoints import (
-  exchange,
-  modeldir,
-  peft_io,  # noqa: E402
-)
+from decoderjax.checkpoints import exchange, modeldir, peft_io
 from decoderjax.data.tokenizer import load_tokenizer  # noqa: E402
 from decoderjax.model import adapters
 from decoderjax.model.decoder import Decoder, init_params  # noqa: E402

@@ -16,10 +16,7 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import shakespeare_tasks  # noqa: E402
 
 from decoderjax.checkpoints import modeldir, orbax_layout
-from decoderjax.model import (
-  adapters,
-  sparsity,  # noqa: E402
-)
+from decoderjax.model import adapters, sparsity
 from decoderjax.training.steps import forward  # noqa: E402
 
 PLAYS = ("hamlet", "macbeth")
