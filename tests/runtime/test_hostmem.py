@@ -69,7 +69,7 @@ def test_cpu_only_follows_jax_platforms(platforms, expected):
 # and after release_freed_memory.
 RELEASE = """
 import ctypes, os
-from decoderjax import hostmem
+from decoderjax.runtime import hostmem
 libc, size = ctypes.CDLL(None), 64 << 10
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
