@@ -60,6 +60,11 @@ def main(argv):
       "--tokenizer applies to --from=hf only (GGUF files and model directories "
       "carry their tokenizer)"
     )
+  if flags.FLAGS["dtype"].present and _FROM.value not in ("hf", "gguf"):
+    raise ValueError(
+      "--dtype applies to --from=hf and --from=gguf (an adapter and an export keep the dtypes "
+      "they have)"
+    )
   if (_BASE.value is not None) != (_FROM.value == "peft"):
     raise ValueError("--from=peft needs --base=MODEL_DIR, and --base applies to it alone")
   if os.path.exists(_OUTPUT.value):

@@ -27,6 +27,8 @@ flags.mark_flags_as_required(["checkpoint", "output"])
 def main(argv):
   del argv
   parse_pruning(_PATTERN.value)  # a bad pattern fails before anything is read
+  if flags.FLAGS["sparsity"].present and _PATTERN.value != "unstructured":
+    raise ValueError(f"--sparsity is for --pattern=unstructured; {_PATTERN.value} fixes its own")
   prune, counts = sparsity.pruner(_PATTERN.value, _SPARSITY.value), []
 
   def transform(model):

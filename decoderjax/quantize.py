@@ -33,6 +33,8 @@ def main(argv):
   del argv
   if _MODE.value not in int_weights.MODES:
     raise ValueError(f"--mode must be one of {int_weights.MODES}, got {_MODE.value!r}")
+  if flags.FLAGS["group_size"].present and _MODE.value != "int4":
+    raise ValueError("--group_size applies to --mode=int4; int8 keeps a scale per output channel")
   calibrate = None
   if _CALIBRATION.value:
     if _MODE.value != "int4":

@@ -45,20 +45,7 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
   """Our ModelConfig for a Hugging Face config.json."""
   arch = hf.get("model_type")
   if arch == "gpt2":
-    return ModelConfig(
-      vocab_size=hf["vocab_size"],
-      max_seq_len=hf["n_positions"],
-      num_layers=hf["n_layer"],
-      num_heads=hf["n_head"],
-      embed_dim=hf["n_embd"],
-      mlp_dim=hf.get("n_inner") or 4 * hf["n_embd"],
-      position="learned",
-      norm="layernorm",
-      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-      mlp="gelu",
-      use_bias=True,
-      tie_embeddings=True,
-    )
+    return _gpt2(hf, path)
   if arch not in LLAMA_LIKE:
     raise ValueError(
       f"{path}: unknown architecture model_type={arch!r} (gpt2, {', '.join(LLAMA_LIKE)})"
@@ -102,6 +89,35 @@ def config_from_hf(hf: dict, path: str = "config.json") -> ModelConfig:
     attn_scale=None if scalar is None or scalar == head_dim else float(scalar) ** -0.5,
     attn_logit_softcap=hf.get("attn_logit_softcapping") if gemma else None,
     final_logit_softcap=hf.get("final_logit_softcapping") if arch != "gemma" else None,
+  )
+
+
+GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+
+
+def _gpt2(hf: dict, path: str) -> ModelConfig:
+  """GPT-2's config.json: its activation (tanh GELU or ReLU) and whether attention logits are
+  scaled by head_dim ** -0.5 (`scale_attn_weights`) are read; what we do not compute is named."""
+  act = hf.get("activation_function", "gelu_new")
+  if act not in GPT2_ACTIVATIONS:
+    raise ValueError(f"{path}: GPT-2 activation_function {act!r} is not supported "
+                     f"{tuple(GPT2_ACTIVATIONS)}")  # fmt: skip
+  if hf.get("scale_attn_by_inverse_layer_idx"):
+    raise ValueError(f"{path}: scale_attn_by_inverse_layer_idx is not supported")
+  return ModelConfig(
+    vocab_size=hf["vocab_size"],
+    max_seq_len=hf["n_positions"],
+    num_layers=hf["n_layer"],
+    num_heads=hf["n_head"],
+    embed_dim=hf["n_embd"],
+    mlp_dim=hf.get("n_inner") or 4 * hf["n_embd"],
+    position="learned",
+    norm="layernorm",
+    norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    mlp=GPT2_ACTIVATIONS[act],
+    use_bias=True,
+    tie_embeddings=True,
+    attn_scale=None if hf.get("scale_attn_weights", True) else 1.0,
   )
 
 
@@ -193,8 +209,8 @@ def _windows(hf: dict, arch: str, path: str) -> dict:
 def config_to_hf(cfg: ModelConfig, prefer: str | None = None) -> dict:
   """A Hugging Face config.json for our config: GPT-2, or of the Llama-shaped architectures
   (`prefer`: the model_type it was converted from, where that fits)."""
-  gpt2_like = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
-  if gpt2_like and cfg.use_bias and cfg.tie_embeddings:
+  gpt2_like = (cfg.position, cfg.norm) == ("learned", "layernorm") and cfg.mlp in ("gelu", "relu")
+  if gpt2_like and cfg.use_bias and cfg.tie_embeddings and cfg.attn_scale in (None, 1.0):
     return {
       "architectures": ["GPT2LMHeadModel"],
       "model_type": "gpt2",
@@ -204,7 +220,8 @@ def config_to_hf(cfg: ModelConfig, prefer: str | None = None) -> dict:
       "n_layer": cfg.num_layers,
       "n_head": cfg.num_heads,
       "n_inner": cfg.mlp_dim,
-      "activation_function": "gelu_new",
+      "activation_function": "gelu_new" if cfg.mlp == "gelu" else "relu",
+      "scale_attn_weights": cfg.attn_scale is None,
       "layer_norm_epsilon": cfg.norm_eps,
       "tie_word_embeddings": True,
     }

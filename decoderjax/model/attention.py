@@ -56,7 +56,8 @@ def resolve_impl(cfg: ModelConfig, dropout_active: bool, seq_len: int) -> str:
 
   auto: Pallas splash attention on TPU (full sequences whose length tiles), XLA einsums on CPU,
   jax.nn.dot_product_attention (cuDNN flash attention) on GPU. Features a kernel lacks
-  (attention dropout; soft-capping outside splash) fall back to XLA.
+  (attention dropout; soft-capping outside splash) fall back to XLA under auto, and are an error
+  for a kernel asked for by name.
   """
   impl = cfg.attention_impl
   if impl == "auto":  # by the devices the program is for, not the host that traces it
@@ -64,9 +65,15 @@ def resolve_impl(cfg: ModelConfig, dropout_active: bool, seq_len: int) -> str:
     impl = {"tpu": "splash", "cpu": "xla"}.get(backend, "dot_product_attention")
     if impl == "splash" and seq_len % SPLASH_BLOCK:
       impl = "dot_product_attention"
-  if dropout_active:
-    return "xla"
+  lacks = "attention dropout" if dropout_active else None
   if impl == "dot_product_attention" and cfg.attn_logit_softcap is not None:
+    lacks = "attention logit soft-capping"
+  if lacks and impl != "xla":
+    if cfg.attention_impl != "auto":
+      raise ValueError(
+        f"ModelConfig.attention_impl={impl!r} has no {lacks}: use attention_impl=xla (or auto, "
+        "which falls back to it)"
+      )
     return "xla"
   return impl
 

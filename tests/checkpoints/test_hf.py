@@ -31,6 +31,19 @@ MODELS = {
     embd_pdrop=0,
     attn_pdrop=0,
   ),  # fmt: skip
+  # ... with ReLU and unscaled attention logits, both read from config.json
+  "gpt2_relu": lambda: transformers.GPT2Config(
+    vocab_size=V,
+    n_positions=64,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    resid_pdrop=0,
+    embd_pdrop=0,
+    attn_pdrop=0,
+    activation_function="relu",
+    scale_attn_weights=False,
+  ),  # fmt: skip
   "llama3": lambda: transformers.LlamaConfig(
     **COMMON,
     num_key_value_heads=2,
@@ -293,6 +306,8 @@ def test_convert_cli_and_bad_input(tmp_path, tokenizer_json):
      "layer_types must give one of full_attention, sliding_attention for each of the 2 layers, "
      "got 2 entries with ['chunked_attention']"),
     ("llama3", {"hidden_act": "relu"}, "hidden_act 'relu' is not supported (silu only)"),
+    ("gpt2", {"activation_function": "gelu"}, "GPT-2 activation_function 'gelu' is not supported"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
   ],
 )  # fmt: skip
 def test_unsupported_hf_configs_are_named(name, changes, message, tmp_path, tokenizer_json):

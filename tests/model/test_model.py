@@ -232,6 +232,22 @@ def test_dot_product_attention_impl_matches_xla():
   np.testing.assert_allclose(dpa, xla, atol=1e-5)
 
 
+def test_a_kernel_asked_for_by_name_refuses_what_it_lacks():
+  """auto falls back to XLA for attention dropout and for soft-capping outside splash; a kernel
+  named in attention_impl says it lacks them instead of being replaced silently."""
+  from decoderjax.model.attention import resolve_impl
+
+  cfg = VARIANTS["mistral-window"]
+  assert resolve_impl(cfg.replace(attn_dropout=0.1), True, 128) == "xla"  # auto on CPU: xla
+  for impl in ("splash", "dot_product_attention"):
+    with pytest.raises(ValueError, match=f"attention_impl='{impl}' has no attention dropout"):
+      resolve_impl(cfg.replace(attention_impl=impl, attn_dropout=0.1), True, 128)
+    assert resolve_impl(cfg.replace(attention_impl=impl, attn_dropout=0.1), False, 128) == impl
+  capped = cfg.replace(attention_impl="dot_product_attention", attn_logit_softcap=30.0)
+  with pytest.raises(ValueError, match="has no attention logit soft-capping"):
+    resolve_impl(capped, False, 128)
+
+
 @pytest.mark.parametrize("blocks", [None, (2, 3)])
 def test_xla_attention_matches_softmax_attention_and_its_gradients(blocks, monkeypatch):
   """Softmax normalized after the value matmul equals plain softmax attention, values and

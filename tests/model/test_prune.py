@@ -58,3 +58,8 @@ def test_bad_patterns():
   out = subprocess.run([sys.executable, "-m", "decoderjax.prune", "--checkpoint=x", "--output=y",
                         "--pattern=2/4"], capture_output=True, text=True)  # fmt: skip
   assert out.returncode == 1 and out.stderr.startswith("error: pattern must be")
+  command = [sys.executable, "-m", "decoderjax.prune", "--checkpoint=x", "--output=y"]
+  out = subprocess.run(
+    [*command, "--pattern=2:4", "--sparsity=0.7"], capture_output=True, text=True
+  )
+  assert out.returncode == 1 and "--sparsity is for --pattern=unstructured; 2:4" in out.stderr

@@ -187,6 +187,12 @@ def test_quantize_binary_and_quantized_model_dirs(tmp_path):
   bad = _run("decoderjax.quantize", f"--checkpoint={float_dir}", f"--output={tmp_path / 'x'}",
              "--mode=int3")  # fmt: skip
   assert bad.returncode == 1 and "--mode must be one of" in bad.stderr
+  bad = _run("decoderjax.quantize", f"--checkpoint={float_dir}", f"--output={tmp_path / 'x'}",
+             "--group_size=32")  # fmt: skip
+  assert bad.returncode == 1 and "--group_size applies to --mode=int4" in bad.stderr
+  bad = _run("decoderjax.convert", "--to=hf", f"--input={float_dir}", f"--output={tmp_path / 'h'}",
+             "--dtype=bfloat16")  # fmt: skip
+  assert bad.returncode == 1 and "--dtype applies to --from=hf and --from=gguf" in bad.stderr
   hf = _run("decoderjax.convert", "--to=hf", f"--input={int8_dir}", f"--output={tmp_path / 'h'}")
   assert hf.returncode == 1 and "int8 model" in hf.stderr
   assert not (tmp_path / "x").exists() and not (tmp_path / "h").exists()
