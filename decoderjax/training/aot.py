@@ -49,11 +49,13 @@ def lower_train(exp: Experiment, mesh):
   batch = {k: _batch(mesh, (b, t), jnp.int32) for k in fields}
   batch["weights"] = _batch(mesh, (b, t), jnp.float32)
   state = layout["state_abstract"]
+  reference = state.params if state_lib.holds_reference(exp) else {}  # DPO's frozen copy
   lowered = state_lib.jit_train_step(exp, optimizer, layout, mesh).lower(
-    state, batch, layout["frozen_abstract"]
+    state, batch, layout["frozen_abstract"], reference
   )
+  frozen = per_chip_bytes(layout["frozen_abstract"]) + per_chip_bytes(reference)
   parts = {
-    "parameters": per_chip_bytes(state.params) + per_chip_bytes(layout["frozen_abstract"]),
+    "parameters": per_chip_bytes(state.params) + frozen,
     "optimizer_state": per_chip_bytes(state.opt_state),
   }
   weight_grads = exp.finetune.method == "full"

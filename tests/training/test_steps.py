@@ -134,8 +134,8 @@ def test_loss_at_weighted_columns_equals_the_full_head():
   def loss(trainable, batch):
     return batch_loss(trainable, frozen, cfg, batch, None, LossConfig(), True)
 
-  (full, (w_full, _)), g_full = jax.value_and_grad(loss, has_aux=True)(trainable, rows)
-  (part, (w_part, _)), g_part = jax.value_and_grad(loss, has_aux=True)(trainable, sliced)
+  (full, (w_full, _, _)), g_full = jax.value_and_grad(loss, has_aux=True)(trainable, rows)
+  (part, (w_part, _, _)), g_part = jax.value_and_grad(loss, has_aux=True)(trainable, sliced)
   assert float(w_full) == float(w_part) == rows["weights"].sum()
   np.testing.assert_allclose(part, full, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_full), strict=True):
