@@ -19,31 +19,15 @@ from decoderjax.model.decoder import Decoder  # noqa: E402
 V = 256
 COMMON = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+GPT2 = dict(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0,
+            embd_pdrop=0, attn_pdrop=0)  # fmt: skip
 LONGROPE = ([1.0 + 0.1 * i for i in range(8)], [1.5 + 0.7 * i for i in range(8)])  # per frequency
 MODELS = {
-  "gpt2": lambda: transformers.GPT2Config(
-    vocab_size=V,
-    n_positions=64,
-    n_embd=64,
-    n_layer=2,
-    n_head=4,
-    resid_pdrop=0,
-    embd_pdrop=0,
-    attn_pdrop=0,
-  ),  # fmt: skip
+  "gpt2": lambda: transformers.GPT2Config(**GPT2),
   # ... with ReLU and unscaled attention logits, both read from config.json
   "gpt2_relu": lambda: transformers.GPT2Config(
-    vocab_size=V,
-    n_positions=64,
-    n_embd=64,
-    n_layer=2,
-    n_head=4,
-    resid_pdrop=0,
-    embd_pdrop=0,
-    attn_pdrop=0,
-    activation_function="relu",
-    scale_attn_weights=False,
-  ),  # fmt: skip
+    **GPT2, activation_function="relu", scale_attn_weights=False
+  ),
   "llama3": lambda: transformers.LlamaConfig(
     **COMMON,
     num_key_value_heads=2,
