@@ -71,12 +71,12 @@ def define_truncate_flag():
   )
 
 
-def note_truncated(dropped: list[int], where: str) -> None:
+def note_truncated(dropped: list[int]) -> None:
   """Says on stderr, once per run, how many prompt tokens --truncate_prompt dropped."""
   if any(dropped):
     from decoderjax.inference import prompts
 
-    print(f"note: {prompts.truncation_note(dropped, where)}", file=sys.stderr, flush=True)
+    print(f"note: {prompts.truncation_note(dropped)}", file=sys.stderr, flush=True)
 
 
 def write_json(path: str, values) -> None:

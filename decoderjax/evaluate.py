@@ -81,15 +81,9 @@ def score(model, rows, mesh) -> dict:
   """Loss over rows in batches (and a classifier's accuracy / macro-F1)."""
   step = jax.jit(lambda p, b: eval_step(p, b, cfg=model.config, loss_cfg=LossConfig()))
   bar = Progress(-(-len(rows["inputs"]) // _BATCH.value), "evaluate", "batches")
-
-  def outputs():
-    ordered = rows_lib.take_rows(rows, rows_lib.by_length(rows))  # tight buckets, same totals
-    for batch in tasks.row_batches(ordered, _BATCH.value, 0, True):
-      yield jax.device_get(step(model.params, batch)), batch
-      bar.advance()
-
   with sharding.activate(mesh):
-    totals = metrics.eval_totals(outputs(), model.config.num_labels)
+    outputs = batch_outputs(lambda batch: step(model.params, batch), rows, bar.advance)
+    totals = metrics.eval_totals(outputs, model.config.num_labels)
   bar.close()
   weight, loss = totals.pop("weight"), totals["loss"]
   if not weight:
@@ -97,6 +91,16 @@ def score(model, rows, mesh) -> dict:
   if model.config.num_labels:
     return totals
   return {"tokens": int(weight), "loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def batch_outputs(step, rows, advance=None):
+  """(step(batch) on the host, batch) over `rows` in batches of --batch_size, shortest rows
+  first (tight buckets; the totals do not depend on the order)."""
+  ordered = rows_lib.take_rows(rows, rows_lib.by_length(rows))
+  for batch in tasks.row_batches(ordered, _BATCH.value, 0, True):
+    yield jax.device_get(step(batch)), batch
+    if advance is not None:
+      advance()
 
 
 def score_preferences(model, records, fields, mesh) -> dict:
@@ -108,21 +112,18 @@ def score_preferences(model, records, fields, mesh) -> dict:
   template = model.generation.get("chat_template")
   pairs = [examples_lib.preference_example(r, model.tokenizer, fields, template, f"{p}:{n}")
            for p, n, r in records]  # fmt: skip
-  rows, dropped = examples_lib.preference_rows(pairs, row_length(model, model.metadata))
+  seq_len = row_length(model, model.metadata)
+  rows, dropped = examples_lib.preference_rows(pairs, seq_len)
   if not len(rows["inputs"]):
-    raise ValueError(f"{_DATA_PATH.value}: no pair fits a row of {model.metadata['seq_len']}")
+    raise ValueError(f"{_DATA_PATH.value}: no pair fits a row of {seq_len} tokens")
   reference = {}
   if loss_cfg.preference in WITH_REFERENCE:
     reference = modeldir.load_model_dir(reference_dir, mesh).params
   step = jax.jit(lambda p, b, r: eval_step(p, b, None, r, cfg=model.config, loss_cfg=loss_cfg))
-
-  def outputs():
-    ordered = rows_lib.take_rows(rows, rows_lib.by_length(rows))
-    for batch in tasks.row_batches(ordered, _BATCH.value, 0, True):
-      yield jax.device_get(step(model.params, batch, reference)), batch
-
   with sharding.activate(mesh):
-    totals = metrics.eval_totals(outputs())
+    totals = metrics.eval_totals(
+      batch_outputs(lambda batch: step(model.params, batch, reference), rows)
+    )
   return {"pairs": int(totals.pop("weight")), "dropped": dropped, **totals}
 
 
@@ -161,7 +162,7 @@ def score_generations(model, records, fields, mesh) -> dict:
   stops = offline.stop_ids(tok, model.generation)
   gen = offline.Generator(model, offline.GenerateConfig(max_new, sampling, stops), mesh)
   prompts, dropped = gen.fit(prompts, truncate=_TRUNCATE.value)
-  cli.note_truncated(dropped, "the model's context")
+  cli.note_truncated(dropped)
   bar = Progress(len(prompts), "generate", "answers")
   results, t = gen.batched(prompts, _BATCH.value, bar.advance, sources)
   bar.close()
@@ -184,12 +185,12 @@ def check_flags(model) -> None:
   """One source to score, and no flag its mode would not use."""
   if (_TEXT_FILE.value is None) == (_DATA_PATH.value is None):
     raise ValueError("give exactly one of --text_file (plain text) or --data_path (records)")
-  records = _DATA_PATH.value is not None and not model.config.num_labels
-  records = records and "preference" not in model.metadata  # pairs: scored, not generated from
-  generating = records and _GENERATE.value
+  answers = _DATA_PATH.value is not None and not model.config.num_labels
+  answers = answers and "preference" not in model.metadata  # pairs: scored, not generated from
+  generating = answers and _GENERATE.value
   for name, value, applies in (
     ("--stride", _STRIDE.value, _TEXT_FILE.value is not None),
-    ("--generate", _GENERATE.value, records),
+    ("--generate", _GENERATE.value, answers),
     ("--max_new_tokens", _MAX_NEW.value, generating),
     ("--predictions", _PREDICTIONS.value, generating),
     ("--truncate_prompt", _TRUNCATE.value, generating),

@@ -157,7 +157,7 @@ def main(argv):
   else:
     (prompts, encoded), sources = encode_prompts(tok, template), None
   encoded, dropped = generator.fit(encoded, truncate=_TRUNCATE.value)
-  cli.note_truncated(dropped, "the model's context")
+  cli.note_truncated(dropped)
   streaming = _STREAM.value and len(prompts) == 1 and _NUM_BEAMS.value == 1
   echo = not template  # a completion prints its prompt first; a chat prints the reply alone
   if streaming and echo:
@@ -208,7 +208,7 @@ def interactive(generator: Generator, tok, template: str | None, seq2seq=False) 
       encoded, sources = [[examples.start_id(tok)]], encoded
     try:
       encoded, dropped = generator.fit(encoded, truncate=_TRUNCATE.value)
-      cli.note_truncated(dropped, "the model's context")
+      cli.note_truncated(dropped)
       results, timings = generator(encoded, write_out if _STREAM.value else None, sources=sources)
     except ValueError as e:  # e.g. the chat outgrew the context: say so, keep the loop
       print(f"error: {e}", flush=True)

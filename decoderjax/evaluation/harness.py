@@ -56,9 +56,8 @@ class DecoderJaxLM(TemplateLM):
       raise ValueError(f"batch_size must be a positive integer (no 'auto'), got {batch_size!r}")
     platforms.skip_absent_tpu()
     _check_device(device)
-    cache_dirs.enable_compilation_cache(
-      compilation_cache, min_seconds=0
-    )  # evaluations repeat shapes
+    # evaluations repeat shapes: every program is worth keeping
+    cache_dirs.enable_compilation_cache(compilation_cache, min_seconds=0)
     self.mesh = sharding.inference_mesh(mesh_data, mesh_fsdp, mesh_tensor)
     self.model = modeldir.load_model_dir(checkpoint, self.mesh)  # scoring's layout
     cfg, self.checkpoint, self.kv_cache = self.model.config, checkpoint, kv_cache

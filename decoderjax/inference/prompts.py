@@ -29,9 +29,7 @@ def fit_prompts(
   return [e[-room:] for e in encoded], [max(len(e) - room, 0) for e in encoded]
 
 
-def truncation_note(dropped: list[int], where: str) -> str:
+def truncation_note(dropped: list[int]) -> str:
   """The one line a caller logs (once) when prompts were cut."""
-  cut = sum(d > 0 for d in dropped)
-  return (
-    f"{cut} prompt(s) lost {sum(dropped)} token(s) from the left to fit {where} (left truncation)"
-  )
+  cut, total = sum(d > 0 for d in dropped), sum(dropped)
+  return f"{cut} prompt(s) lost {total} token(s) from the left to fit the context (left truncation)"

@@ -37,11 +37,13 @@ def segment_sums(values_BN, segments_BN, pairs: int):
 def segment_logps(logits_BNV, batch):
   """Each segment's summed log-probability of its weighted (response) targets, and how many
   there are -> ([B, S], [B, S]), S = 2K."""
-  logp_BN, weights_BN, segments_BN = token_logps(logits_BNV, batch)
-  k = batch["pair_weights"].shape[1]
+  return _response_sums(*token_logps(logits_BNV, batch), batch["pair_weights"].shape[1])
+
+
+def _response_sums(logp_BN, weights_BN, segments_BN, pairs: int):
   return (
-    segment_sums(logp_BN * weights_BN, segments_BN, k),
-    segment_sums(weights_BN, segments_BN, k),
+    segment_sums(logp_BN * weights_BN, segments_BN, pairs),
+    segment_sums(weights_BN, segments_BN, pairs),
   )
 
 
@@ -79,10 +81,7 @@ def preference_loss(logits, batch, reference, loss_cfg):
   weights_BK = batch["pair_weights"]
   logp_BN, weights_BN, segments_BN = token_logps(logits, batch)
   k = weights_BK.shape[1]
-  policy = (
-    segment_sums(logp_BN * weights_BN, segments_BN, k),
-    segment_sums(weights_BN, segments_BN, k),
-  )
+  policy = _response_sums(logp_BN, weights_BN, segments_BN, k)
   loss_BK, chosen_BK, rejected_BK = pair_terms(policy, reference, loss_cfg)
   pairs = jnp.sum(weights_BK)
   loss_sum = jnp.sum(loss_BK * weights_BK)

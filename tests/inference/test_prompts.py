@@ -24,7 +24,7 @@ def test_a_prompt_over_the_context_names_both_lengths():
 def test_truncation_cuts_from_the_left_and_counts_the_tokens():
   prompts, dropped = fit_prompts([list(range(10)), [7, 8]], context=8, reserve=2, truncate=True)
   assert prompts == [list(range(4, 10)), [7, 8]] and dropped == [4, 0]
-  assert truncation_note(dropped, "the context") == (
+  assert truncation_note(dropped) == (
     "1 prompt(s) lost 4 token(s) from the left to fit the context (left truncation)"
   )
 
